@@ -1,0 +1,1 @@
+"""Token verification: pure functions and key caches, no web framework, no database."""

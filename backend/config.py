@@ -1,0 +1,111 @@
+"""Settings: one object, read from the environment and `backend/.env`, validated at start-up."""
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+BACKEND_DIR = Path(__file__).resolve().parent
+
+# The secret printed in the project's specification. The user's frontend ships with it, so
+# development works with no configuration; being public, it is refused in production.
+DEVELOPMENT_SECRET = "PU0Tdg9Y0rvcqOFEPtwYhWwDdyPIp20g"
+PLACEHOLDER_SECRETS = frozenset(
+    {
+        DEVELOPMENT_SECRET,
+        "change-me",
+        "changeme",
+        "changethis",
+        "secret",
+        "your-secret-here",
+        "replace-with-at-least-32-random-bytes",
+    }
+)
+MIN_SECRET_BYTES = 32
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=BACKEND_DIR / ".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    environment: Literal["development", "production", "test"] = "development"
+
+    better_auth_secret: str = DEVELOPMENT_SECRET
+    better_auth_url: str = "http://localhost:3000"
+    # Checked on HS256 tokens only when set: the frontends' own tokens rarely carry them.
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_leeway_seconds: int = Field(default=30, ge=0, le=60)
+
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("NEON_DATABASE_URL", "DATABASE_URL")
+    )
+    sqlite_path: Path = BACKEND_DIR / "todo.db"
+
+    cors_origins: Annotated[list[str], NoDecode] = [
+        "http://localhost:3000",
+        "http://127.0.0.1:3000",
+    ]
+    max_request_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    migrate_on_startup: bool = True
+    log_level: str = "INFO"
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip().rstrip("/") for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("database_url", "jwt_issuer", "jwt_audience", mode="before")
+    @classmethod
+    def empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def refuse_unsafe_production(self) -> "Settings":
+        if self.environment != "production":
+            return self
+        problems = []
+        secret = self.better_auth_secret.strip()
+        if not secret or secret in PLACEHOLDER_SECRETS:
+            problems.append(
+                "BETTER_AUTH_SECRET is missing or a published placeholder: set it to the same "
+                "secret as the frontend's Better Auth (generate one with `openssl rand -base64 32`)"
+            )
+        elif len(secret.encode()) < MIN_SECRET_BYTES:
+            problems.append(f"BETTER_AUTH_SECRET must be at least {MIN_SECRET_BYTES} bytes long")
+        if self.database_url is None:
+            problems.append(
+                "NEON_DATABASE_URL (or DATABASE_URL) must be set in production: "
+                "the embedded SQLite default is for development"
+            )
+        if "*" in self.cors_origins:
+            problems.append("CORS_ORIGINS must list explicit origins, not '*', in production")
+        if problems:
+            raise ValueError("unsafe production settings: " + "; ".join(problems))
+        return self
+
+    @property
+    def uses_development_secret(self) -> bool:
+        return self.better_auth_secret == DEVELOPMENT_SECRET
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings. A bad value stops start-up with a message that names the setting
+    and never echoes a value (secrets and connection strings stay out of logs)."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        problems = [
+            f"{'.'.join(str(part) for part in problem['loc']) or 'settings'}: {problem['msg']}"
+            for problem in error.errors(include_input=False, include_url=False)
+        ]
+        raise SystemExit("Configuration error: " + "; ".join(problems)) from None

@@ -1,0 +1,107 @@
+"""The async engine, its sessions, and the database URL normalisation."""
+
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from config import BACKEND_DIR, Settings
+
+POSTGRES_DRIVERS = {"postgres", "postgresql", "postgresql+psycopg", "postgresql+psycopg2", "postgresql+asyncpg"}
+SQLITE_DRIVERS = {"sqlite", "sqlite+aiosqlite", "sqlite+pysqlite"}
+
+
+class UnsupportedDatabaseURL(ValueError):
+    """The configured URL names a database this service does not run on."""
+
+
+def database_url(settings: Settings) -> URL:
+    """The SQLAlchemy URL to use: the configured one, made async, or the embedded SQLite file."""
+    if settings.database_url is None:
+        return URL.create("sqlite+aiosqlite", database=str(settings.sqlite_path))
+    return normalize_database_url(settings.database_url)
+
+
+def normalize_database_url(raw: str) -> URL:
+    """Accept URLs as Neon, Heroku-style hosts and SQLAlchemy users write them.
+
+    `postgres://` and `postgresql://` (with Neon's `sslmode`/`channel_binding` left as they are:
+    psycopg passes them to libpq) become psycopg 3 async; `sqlite://` becomes aiosqlite.
+    """
+    try:
+        url = make_url(raw.strip())
+    except Exception as error:  # SQLAlchemy raises ArgumentError with the URL in its text
+        raise UnsupportedDatabaseURL("the database URL could not be parsed") from error
+    if url.drivername in POSTGRES_DRIVERS:
+        query = dict(url.query)
+        # asyncpg spells TLS `ssl=`; libpq (psycopg) spells it `sslmode=`.
+        if "ssl" in query and "sslmode" not in query:
+            query["sslmode"] = query.pop("ssl")
+        return url.set(drivername="postgresql+psycopg", query=query)
+    if url.drivername in SQLITE_DRIVERS:
+        return url.set(drivername="sqlite+aiosqlite")
+    raise UnsupportedDatabaseURL(
+        f"unsupported database scheme {url.drivername!r}: use postgresql:// or sqlite://"
+    )
+
+
+def create_engine(settings: Settings) -> AsyncEngine:
+    url = database_url(settings)
+    if url.get_backend_name() == "sqlite":
+        return _create_sqlite_engine(url)
+    return create_async_engine(
+        url,
+        pool_pre_ping=True,
+        # Neon suspends idle computes after five minutes and its pooler drops idle clients.
+        pool_recycle=240,
+        pool_size=5,
+        max_overflow=5,
+        pool_timeout=10,
+        connect_args={
+            # Server-side prepared statements do not survive a transaction-mode pooler.
+            "prepare_threshold": None,
+            # A Neon compute waking from suspend takes a few seconds.
+            "connect_timeout": 10,
+        },
+    )
+
+
+def _create_sqlite_engine(url: URL) -> AsyncEngine:
+    if url.database and url.database != ":memory:":
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_async_engine(url, connect_args={"timeout": 30})
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        # WAL lets readers and one writer work at once; the busy timeout queues writers.
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    return engine
+
+
+def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+
+
+def alembic_config() -> AlembicConfig:
+    return AlembicConfig(str(BACKEND_DIR / "alembic.ini"))
+
+
+async def upgrade_schema(engine: AsyncEngine) -> None:
+    """Apply the Alembic migrations up to head on this engine (what start-up does)."""
+
+    def upgrade(connection: Connection) -> None:
+        config = alembic_config()
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+    async with engine.begin() as connection:
+        await connection.run_sync(upgrade)

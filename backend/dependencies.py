@@ -1,0 +1,92 @@
+"""The vocabulary routes are written in: `SessionDep`, `CurrentUserId`, `OwnerId`, `OwnedTask`.
+
+Authentication errors become 401 and a path that names another user becomes 403 here, once, so
+no route repeats an ownership check.
+"""
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Path, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import select
+
+from auth.jwt import InvalidToken, TokenVerifier
+from errors import InvalidCredentials, NotAuthenticated, TaskNotFound, WrongUser
+from models import TASK_ID_MAX, TASK_ID_MIN, Task
+
+logger = logging.getLogger("todo.auth")
+
+bearer_scheme = HTTPBearer(
+    auto_error=False,
+    scheme_name="BetterAuthJWT",
+    bearerFormat="JWT",
+    description="A JWT from Better Auth, or one signed with BETTER_AUTH_SECRET "
+    "(`python3 dev.py token USER_ID` prints one for development).",
+)
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    async with request.app.state.sessionmaker() as session:
+        yield session
+
+
+SessionDep = Annotated[AsyncSession, Depends(get_session)]
+
+
+async def get_current_user_id(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)],
+) -> str:
+    """The id of the user the bearer token names; 401 when there is no valid token."""
+    if credentials is None or not credentials.credentials:
+        raise NotAuthenticated()
+    verifier: TokenVerifier = request.app.state.token_verifier
+    try:
+        token = await verifier.verify(credentials.credentials)
+    except InvalidToken as error:
+        logger.info("token refused: %s", error)
+        raise InvalidCredentials() from None
+    return token.user_id
+
+
+CurrentUserId = Annotated[str, Depends(get_current_user_id)]
+
+
+async def get_owner_id(
+    user_id: Annotated[str, Path(description="The signed-in user's id, as in the token.")],
+    current_user_id: CurrentUserId,
+) -> str:
+    """The path's user, once it is known to be the token's user; 403 otherwise."""
+    # Exact comparison: ids are opaque (Better Auth ids, sometimes e-mail addresses).
+    if user_id != current_user_id:
+        raise WrongUser()
+    return current_user_id
+
+
+OwnerId = Annotated[str, Depends(get_owner_id)]
+TaskId = Annotated[
+    int, Path(ge=TASK_ID_MIN, le=TASK_ID_MAX, description="The task's id.")
+]
+
+
+async def get_owned_task(task_id: TaskId, owner_id: OwnerId, session: SessionDep) -> Task:
+    """The task with this id if the owner has it; another user's task is simply not found."""
+    task = await session.scalar(select(Task).where(Task.id == task_id, Task.user_id == owner_id))
+    if task is None:
+        raise TaskNotFound()
+    return task
+
+
+OwnedTask = Annotated[Task, Depends(get_owned_task)]
+
+
+async def check_access(request: Request) -> None:
+    """Run the 401 and 403 checks outside a route: for requests refused before their route ran."""
+    credentials = await bearer_scheme(request)
+    user_id = await get_current_user_id(request, credentials)
+    path_user_id = request.path_params.get("user_id")
+    if path_user_id is not None:
+        await get_owner_id(path_user_id, user_id)

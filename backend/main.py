@@ -1,0 +1,143 @@
+"""The application: settings, lifespan, middleware, routers and the error mapping, assembled."""
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
+
+from auth.jwt import TokenVerifier
+from config import Settings, get_settings
+from db import create_engine, create_sessionmaker, upgrade_schema
+from dependencies import check_access
+from errors import APIError, DatabaseUnavailable
+from middleware import BodySizeLimitMiddleware, TrailingSlashMiddleware, UnhandledErrorMiddleware
+from routes import health, tasks
+
+logger = logging.getLogger("todo")
+
+CORS_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "If-Match", "If-None-Match", "X-Request-ID"]
+EXPOSED_HEADERS = ["X-Total-Count", "ETag", "Retry-After", "X-Request-ID"]
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    if settings.uses_development_secret:
+        logger.warning(
+            "BETTER_AUTH_SECRET is the specification's published development value; "
+            "set your own in backend/.env before exposing this server"
+        )
+    engine = create_engine(settings)
+    app.state.engine = engine
+    app.state.sessionmaker = create_sessionmaker(engine)
+    try:
+        if settings.migrate_on_startup:
+            await upgrade_schema(engine)
+        yield
+    finally:
+        await engine.dispose()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    _configure_logging(settings)
+    app = FastAPI(
+        title="Todo API",
+        version="1.0.0",
+        summary="Per-user tasks for the Todo app, behind Better Auth tokens.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.token_verifier = TokenVerifier(
+        secret=settings.better_auth_secret,
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        leeway_seconds=settings.jwt_leeway_seconds,
+    )
+    # Trailing slashes are answered by TrailingSlashMiddleware, never redirected.
+    app.router.redirect_slashes = False
+    app.include_router(health.router)
+    app.include_router(tasks.router)
+
+    app.add_exception_handler(APIError, handle_api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, handle_validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(sa_exc.SQLAlchemyError, handle_database_error)  # type: ignore[arg-type]
+
+    # Added innermost first: CORS ends up outermost, so even errors carry its headers.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
+    app.add_middleware(TrailingSlashMiddleware)
+    app.add_middleware(UnhandledErrorMiddleware)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_origins,
+        allow_credentials=True,
+        allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+        allow_headers=CORS_HEADERS,
+        expose_headers=EXPOSED_HEADERS,
+        max_age=600,
+    )
+    return app
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse({"detail": error.detail}, status_code=error.status_code, headers=error.headers)
+
+
+async def handle_api_error(_request: Request, error: APIError) -> JSONResponse:
+    return error_response(error)
+
+
+async def handle_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    # FastAPI parses the body before it runs dependencies. Authentication comes first all the
+    # same: a caller without a valid token for this path learns nothing about its input.
+    if request.url.path.startswith("/api/"):
+        try:
+            await check_access(request)
+        except APIError as refusal:
+            return error_response(refusal)
+    # The offending input is not echoed: it may be large, or not representable as JSON.
+    problems = [
+        {"type": problem["type"], "loc": list(problem["loc"]), "msg": problem["msg"]}
+        for problem in error.errors()
+    ]
+    return JSONResponse({"detail": problems}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
+async def handle_database_error(request: Request, error: sa_exc.SQLAlchemyError) -> JSONResponse:
+    # Driver messages can hold SQL, parameters or the host: only the class name is logged.
+    logger.warning(
+        "database error %s during %s %s",
+        type(getattr(error, "orig", None) or error).__name__,
+        request.method,
+        getattr(request.scope.get("route"), "path", "(no route)"),
+    )
+    if isinstance(error, sa_exc.DataError):
+        return JSONResponse(
+            {"detail": "The database cannot store a value in this request."},
+            status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+        )
+    if isinstance(error, sa_exc.IntegrityError):
+        return JSONResponse(
+            {"detail": "The request conflicts with the stored data."},
+            status_code=status.HTTP_409_CONFLICT,
+        )
+    # Unreachable, timed out, out of connections, or a connection dropped mid-request.
+    return error_response(DatabaseUnavailable())
+
+
+def _configure_logging(settings: Settings) -> None:
+    app_logger = logging.getLogger("todo")
+    app_logger.setLevel(settings.log_level.upper())
+    if not app_logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        app_logger.addHandler(handler)
+        app_logger.propagate = False
+
+
+app = create_app()

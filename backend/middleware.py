@@ -1,0 +1,144 @@
+"""Pure ASGI middleware: cheap on every request, unlike `BaseHTTPMiddleware`."""
+
+import logging
+
+import orjson
+from fastapi import status
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+logger = logging.getLogger("todo.errors")
+
+
+class RequestBodyTooLarge(HTTPException):
+    """An HTTPException so that FastAPI's body reader lets it through as a 413, not a 400."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            status.HTTP_413_CONTENT_TOO_LARGE,
+            f"The request body is larger than the {limit}-byte limit.",
+        )
+
+
+class TrailingSlashMiddleware:
+    """Serve `/path/` as `/path` directly.
+
+    A 307 redirect breaks CORS preflights, and browsers drop `Authorization` when they follow a
+    cross-origin redirect, so the frontend would see a 401 it cannot explain.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            if len(path) > 1 and path.endswith("/"):
+                scope = dict(scope)
+                scope["path"] = path.rstrip("/") or "/"
+                raw_path = scope.get("raw_path")
+                if raw_path:
+                    scope["raw_path"] = raw_path.rstrip(b"/") or b"/"
+        await self.app(scope, receive, send)
+
+
+class BodySizeLimitMiddleware:
+    """Refuse bodies over the limit with 413 before they are read into memory or parsed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await _send_json_error(send, RequestBodyTooLarge(self.max_bytes))
+                return
+        received = 0
+
+        async def receive_within_limit() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # A chunked body that declared no length: stop reading it here.
+                    raise RequestBodyTooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, receive_within_limit, send)
+
+
+class UnhandledErrorMiddleware:
+    """A last resort: a plain 500 with a `detail` sentence, and one log line without a traceback.
+
+    Tracebacks can carry SQL, connection strings or tokens held in local variables, so neither the
+    client nor the log gets one; the exception's type and where it was raised are enough to start.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        response_started = False
+
+        async def send_tracking_start(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking_start)
+        except Exception as error:
+            logger.error(
+                "unhandled %s at %s during %s %s",
+                type(error).__name__,
+                _raised_at(error),
+                scope.get("method"),
+                _route_template(scope),
+            )
+            if not response_started:
+                await _send_json(
+                    send,
+                    status.HTTP_500_INTERNAL_SERVER_ERROR,
+                    b'{"detail":"The server hit an unexpected error."}',
+                )
+
+
+def _raised_at(error: BaseException) -> str:
+    traceback = error.__traceback__
+    if traceback is None:
+        return "?"
+    while traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    code = traceback.tb_frame.f_code
+    return f"{code.co_filename.rsplit('/', 1)[-1]}:{traceback.tb_lineno} in {code.co_name}"
+
+
+def _route_template(scope: Scope) -> str:
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else "(no route)"
+
+
+async def _send_json_error(send: Send, error: HTTPException) -> None:
+    # The unread body is still arriving: close the connection rather than drain it.
+    body = orjson.dumps({"detail": error.detail})
+    await _send_json(send, error.status_code, body, extra_headers=[(b"connection", b"close")])
+
+
+async def _send_json(
+    send: Send, status_code: int, body: bytes, extra_headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send(
+        {"type": "http.response.start", "status": status_code, "headers": headers + (extra_headers or [])}
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,146 @@
+"""The task table and the schemas the API reads and writes."""
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, StrictBool, StringConstraints, field_validator
+from sqlalchemy import BigInteger, Boolean, Column, DateTime, Index, Integer, String, false
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, SQLModel
+
+TITLE_MAX_LENGTH = 200
+DESCRIPTION_MAX_LENGTH = 1000
+USER_ID_MAX_LENGTH = 255
+# The id column is a signed 64-bit integer on PostgreSQL and SQLite alike.
+TASK_ID_MIN = -(2**63)
+TASK_ID_MAX = 2**63 - 1
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC in and out, on PostgreSQL (timestamptz) and SQLite (text) alike.
+
+    SQLite drops the offset and a PostgreSQL session may run in another time zone; a naive or
+    shifted timestamp would be read by JavaScript `new Date()` as the browser's local time.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are not stored; use datetime.now(UTC)")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Task(SQLModel, table=True):
+    __tablename__ = "tasks"
+    # The list query is `WHERE user_id = ? ORDER BY created_at DESC, id DESC`: this index serves it
+    # (scanned backwards) and every lookup by owner.
+    __table_args__ = (Index("ix_tasks_user_id_created_at_id", "user_id", "created_at", "id"),)
+
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(
+            BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+        ),
+    )
+    user_id: str = Field(sa_column=Column(String(USER_ID_MAX_LENGTH), nullable=False))
+    title: str = Field(sa_column=Column(String(TITLE_MAX_LENGTH), nullable=False))
+    description: str | None = Field(
+        default=None, sa_column=Column(String(DESCRIPTION_MAX_LENGTH), nullable=True)
+    )
+    completed: bool = Field(
+        default=False, sa_column=Column(Boolean, nullable=False, server_default=false())
+    )
+    created_at: datetime = Field(
+        default_factory=utc_now, sa_column=Column(UTCDateTime, nullable=False)
+    )
+    updated_at: datetime = Field(
+        default_factory=utc_now, sa_column=Column(UTCDateTime, nullable=False)
+    )
+
+
+def storable_text(value: str) -> str:
+    """Refuse what PostgreSQL text cannot hold, so it is a 422 and never a driver error."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError("must be valid Unicode text (it contains a lone surrogate)") from error
+    return value
+
+
+def empty_as_none(value: str) -> str | None:
+    return value or None
+
+
+# Lengths count code points, after surrounding whitespace is trimmed.
+Title = Annotated[
+    str,
+    StringConstraints(strict=True, strip_whitespace=True, min_length=1, max_length=TITLE_MAX_LENGTH),
+    AfterValidator(storable_text),
+]
+Description = Annotated[
+    str,
+    StringConstraints(strict=True, strip_whitespace=True, max_length=DESCRIPTION_MAX_LENGTH),
+    AfterValidator(storable_text),
+    AfterValidator(empty_as_none),
+]
+
+
+class TaskCreate(SQLModel):
+    """A new task. Fields other than these (an `id`, a `user_id`, timestamps) are ignored."""
+
+    title: Title
+    description: Description | None = None
+    completed: StrictBool = False
+
+
+class TaskUpdate(SQLModel):
+    """A partial update: only the fields present change; `description: null` clears it."""
+
+    title: Title | None = None
+    description: Description | None = None
+    completed: StrictBool | None = None
+
+    @field_validator("title", "completed", mode="before")
+    @classmethod
+    def refuse_null(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("may be left out but not set to null")
+        return value
+
+
+class CompletionChange(SQLModel):
+    """Body of `PATCH …/complete`: absent or `{}` toggles; `{"completed": bool}` sets."""
+
+    completed: StrictBool | None = None
+
+
+class ErrorMessage(SQLModel):
+    detail: str
+
+
+class TaskPublic(SQLModel):
+    id: int
+    user_id: str
+    title: str
+    description: str | None
+    completed: bool
+    created_at: datetime
+    updated_at: datetime
