@@ -11,7 +11,7 @@ BACKEND_DIR = Path(__file__).resolve().parent
 
 # The secret printed in the project's specification. The user's frontend ships with it, so
 # development works with no configuration; being public, it is refused in production.
-DEVELOPMENT_SECRET = "PU0Tdg9Y0rvcqOFEPtwYhWwDdyPIp20g"
+DEVELOPMENT_SECRET = "PU0Tdg9Y0rvcqOFEPtwYhWwDdyPIp20g"  # noqa: S105  (public by design)
 PLACEHOLDER_SECRETS = frozenset(
     {
         DEVELOPMENT_SECRET,
@@ -93,8 +93,8 @@ class Settings(BaseSettings):
         return self
 
     @property
-    def uses_development_secret(self) -> bool:
-        return self.better_auth_secret == DEVELOPMENT_SECRET
+    def uses_placeholder_secret(self) -> bool:
+        return self.better_auth_secret.strip() in PLACEHOLDER_SECRETS
 
 
 @lru_cache

@@ -67,9 +67,7 @@ async def get_owner_id(
 
 
 OwnerId = Annotated[str, Depends(get_owner_id)]
-TaskId = Annotated[
-    int, Path(ge=TASK_ID_MIN, le=TASK_ID_MAX, description="The task's id.")
-]
+TaskId = Annotated[int, Path(ge=TASK_ID_MIN, le=TASK_ID_MAX, description="The task's id.")]
 
 
 async def get_owned_task(task_id: TaskId, owner_id: OwnerId, session: SessionDep) -> Task:

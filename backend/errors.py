@@ -1,12 +1,14 @@
 """Errors that carry their HTTP status. `main.py` maps them to `{"detail": ...}` in one place."""
 
+from typing import ClassVar
+
 from fastapi import status
 
 
 class APIError(Exception):
     status_code = status.HTTP_500_INTERNAL_SERVER_ERROR
     detail = "The server could not complete the request."
-    headers: dict[str, str] | None = None
+    headers: ClassVar[dict[str, str] | None] = None
 
     def __init__(self, detail: str | None = None) -> None:
         if detail is not None:
@@ -17,12 +19,12 @@ class APIError(Exception):
 class NotAuthenticated(APIError):
     status_code = status.HTTP_401_UNAUTHORIZED
     detail = "Not authenticated: send a valid token as 'Authorization: Bearer <token>'."
-    headers = {"WWW-Authenticate": "Bearer"}
+    headers: ClassVar[dict[str, str] | None] = {"WWW-Authenticate": "Bearer"}
 
 
 class InvalidCredentials(NotAuthenticated):
     detail = "The bearer token is invalid or expired."
-    headers = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+    headers: ClassVar[dict[str, str] | None] = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
 
 
 class WrongUser(APIError):
@@ -36,11 +38,7 @@ class TaskNotFound(APIError):
     detail = "Task not found."
 
 
-class RequestTooLarge(APIError):
-    status_code = status.HTTP_413_CONTENT_TOO_LARGE
-
-
 class DatabaseUnavailable(APIError):
     status_code = status.HTTP_503_SERVICE_UNAVAILABLE
     detail = "The database is unavailable right now; try again shortly."
-    headers = {"Retry-After": "2"}
+    headers: ClassVar[dict[str, str] | None] = {"Retry-After": "2"}

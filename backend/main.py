@@ -20,17 +20,24 @@ from routes import health, tasks
 
 logger = logging.getLogger("todo")
 
-CORS_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "If-Match", "If-None-Match", "X-Request-ID"]
+CORS_HEADERS = [
+    "Authorization",
+    "Content-Type",
+    "Idempotency-Key",
+    "If-Match",
+    "If-None-Match",
+    "X-Request-ID",
+]
 EXPOSED_HEADERS = ["X-Total-Count", "ETag", "Retry-After", "X-Request-ID"]
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    if settings.uses_development_secret:
+    if settings.uses_placeholder_secret:
         logger.warning(
-            "BETTER_AUTH_SECRET is the specification's published development value; "
-            "set your own in backend/.env before exposing this server"
+            "BETTER_AUTH_SECRET is a published placeholder (the specification's development "
+            "value unless you set one): set the frontend's secret in backend/.env"
         )
     engine = create_engine(settings)
     app.state.engine = engine
@@ -85,7 +92,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse({"detail": error.detail}, status_code=error.status_code, headers=error.headers)
+    return JSONResponse(
+        {"detail": error.detail}, status_code=error.status_code, headers=error.headers
+    )
 
 
 async def handle_api_error(_request: Request, error: APIError) -> JSONResponse:

@@ -135,10 +135,17 @@ async def _send_json_error(send: Send, error: HTTPException) -> None:
 
 
 async def _send_json(
-    send: Send, status_code: int, body: bytes, extra_headers: list[tuple[bytes, bytes]] | None = None
+    send: Send,
+    status_code: int,
+    body: bytes,
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send(
-        {"type": "http.response.start", "status": status_code, "headers": headers + (extra_headers or [])}
+        {
+            "type": "http.response.start",
+            "status": status_code,
+            "headers": headers + (extra_headers or []),
+        }
     )
     await send({"type": "http.response.body", "body": body})

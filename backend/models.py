@@ -92,7 +92,9 @@ def empty_as_none(value: str) -> str | None:
 # Lengths count code points, after surrounding whitespace is trimmed.
 Title = Annotated[
     str,
-    StringConstraints(strict=True, strip_whitespace=True, min_length=1, max_length=TITLE_MAX_LENGTH),
+    StringConstraints(
+        strict=True, strip_whitespace=True, min_length=1, max_length=TITLE_MAX_LENGTH
+    ),
     AfterValidator(storable_text),
 ]
 Description = Annotated[

@@ -11,13 +11,10 @@ from sqlmodel import SQLModel
 
 import models  # noqa: F401  (registers the tables on SQLModel.metadata)
 from config import get_settings
-from db import database_url
+from db import MIGRATION_LOCK_KEY, database_url
 
 config = context.config
 target_metadata = SQLModel.metadata
-# Any constant: every instance starting at once takes the same lock, one migrates, the rest wait
-# and then find the schema at head.
-MIGRATION_LOCK_KEY = 0x7_0D0_5C4E
 
 
 def run_migrations(connection: Connection) -> None:
@@ -31,7 +28,9 @@ def run_migrations(connection: Connection) -> None:
     with context.begin_transaction():
         if connection.dialect.name == "postgresql":
             # Transaction-scoped, so it also works through a transaction-mode pooler.
-            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+            connection.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
+            )
         context.run_migrations()
 
 
@@ -53,7 +52,9 @@ def _connect_args() -> dict[str, object]:
 
 
 if context.is_offline_mode():
-    context.configure(url=database_url(get_settings()), target_metadata=target_metadata, literal_binds=True)
+    context.configure(
+        url=database_url(get_settings()), target_metadata=target_metadata, literal_binds=True
+    )
     with context.begin_transaction():
         context.run_migrations()
 elif (shared_connection := config.attributes.get("connection")) is not None:

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Query, Response, status
 from sqlalchemy import ColumnElement, delete, func, not_, or_, update
+from sqlalchemy.orm import Mapped
 from sqlmodel import col, select
 
 from dependencies import OwnedTask, OwnerId, SessionDep, TaskId
@@ -27,7 +28,10 @@ from models import (
 
 AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     status.HTTP_401_UNAUTHORIZED: {"model": ErrorMessage, "description": "No valid bearer token."},
-    status.HTTP_403_FORBIDDEN: {"model": ErrorMessage, "description": "The path names another user."},
+    status.HTTP_403_FORBIDDEN: {
+        "model": ErrorMessage,
+        "description": "The path names another user.",
+    },
 }
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     status.HTTP_404_NOT_FOUND: {"model": ErrorMessage, "description": "No such task for this user."}
@@ -83,6 +87,7 @@ def _completed_filter(status_value: str | None, completed_value: str | None) -> 
 
 def _ordering(sort_value: str | None, order_value: str | None) -> tuple[ColumnElement[Any], ...]:
     sort = (sort_value or "created").lower()
+    column: ColumnElement[Any] | Mapped[Any]
     # Each sort key with the direction it takes when no `order` is given.
     if sort in {"created_oldest", "oldest"}:
         column, descending = col(Task.created_at), False
@@ -103,24 +108,37 @@ def _ordering(sort_value: str | None, order_value: str | None) -> tuple[ColumnEl
 def list_options(
     status_: Annotated[
         str | None,
-        Query(alias="status", description="all, pending (incomplete, active, open, todo) or completed (done)."),
+        Query(
+            alias="status",
+            description="all, pending (incomplete, active, open, todo) or completed (done).",
+        ),
     ] = None,
     status_filter: Annotated[str | None, Query(description="Same as `status`.")] = None,
-    completed: Annotated[str | None, Query(description="true or false: another way to filter.")] = None,
+    completed: Annotated[
+        str | None, Query(description="true or false: another way to filter.")
+    ] = None,
     sort: Annotated[
         str | None,
         Query(description="created (newest first, the default), created_oldest, updated, title."),
     ] = None,
     sort_by: Annotated[str | None, Query(description="Same as `sort`.")] = None,
-    sort_by_camel: Annotated[str | None, Query(alias="sortBy", description="Same as `sort`.")] = None,
-    order: Annotated[str | None, Query(description="asc or desc: overrides the sort's direction.")] = None,
+    sort_by_camel: Annotated[
+        str | None, Query(alias="sortBy", description="Same as `sort`.")
+    ] = None,
+    order: Annotated[
+        str | None, Query(description="asc or desc: overrides the sort's direction.")
+    ] = None,
     sort_order: Annotated[str | None, Query(description="Same as `order`.")] = None,
-    sort_order_camel: Annotated[str | None, Query(alias="sortOrder", description="Same as `order`.")] = None,
+    sort_order_camel: Annotated[
+        str | None, Query(alias="sortOrder", description="Same as `order`.")
+    ] = None,
     search: Annotated[
         str | None, Query(description="Case-insensitive substring of the title or description.")
     ] = None,
     q: Annotated[str | None, Query(description="Same as `search`.")] = None,
-    limit: Annotated[str | None, Query(description="At most this many tasks; all when absent.")] = None,
+    limit: Annotated[
+        str | None, Query(description="At most this many tasks; all when absent.")
+    ] = None,
     offset: Annotated[str | None, Query(description="Skip this many tasks first.")] = None,
     skip: Annotated[str | None, Query(description="Same as `offset`.")] = None,
 ) -> ListOptions:
@@ -130,7 +148,9 @@ def list_options(
     return ListOptions(
         completed=_completed_filter(_first(status_, status_filter), completed),
         search=search_text or None,
-        order_by=_ordering(_first(sort, sort_by, sort_by_camel), _first(order, sort_order, sort_order_camel)),
+        order_by=_ordering(
+            _first(sort, sort_by, sort_by_camel), _first(order, sort_order, sort_order_camel)
+        ),
         limit=_non_negative(limit),
         offset=_non_negative(_first(offset, skip)),
     )
@@ -141,7 +161,12 @@ def list_options(
     response_model=list[TaskPublic],
     responses={
         status.HTTP_200_OK: {
-            "headers": {"X-Total-Count": {"description": "Tasks matching the filters, before paging.", "schema": {"type": "integer"}}}
+            "headers": {
+                "X-Total-Count": {
+                    "description": "Tasks matching the filters, before paging.",
+                    "schema": {"type": "integer"},
+                }
+            }
         }
     },
 )
@@ -189,7 +214,8 @@ async def create_task(new_task: TaskCreate, owner_id: OwnerId, session: SessionD
     return task
 
 
-@router.get("/{task_id}", response_model=TaskPublic, responses=NOT_FOUND)
+# OwnedTask reads `task_id` from the path.
+@router.get("/{task_id}", response_model=TaskPublic, responses=NOT_FOUND)  # noqa: FAST003
 async def read_task(task: OwnedTask) -> Task:
     """Get one of the user's tasks."""
     return task

@@ -14,9 +14,7 @@ def tasks_url(user_id: str = ALICE, suffix: str = "") -> str:
     return f"/api/{user_id}/tasks{suffix}"
 
 
-async def create(
-    client: AsyncClient, owner: str = ALICE, /, **body: object
-) -> dict[str, object]:
+async def create(client: AsyncClient, owner: str = ALICE, /, **body: object) -> dict[str, object]:
     body.setdefault("title", "Buy milk")
     response = await client.post(tasks_url(owner), json=body, headers=auth(owner))
     assert response.status_code == 201, response.text

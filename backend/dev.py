@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""Developer commands needing nothing but Python >= 3.11: uv and the environment install themselves.
+
+    python3 backend/dev.py serve [--host HOST] [--port PORT] [--reload]
+        Start the API (embedded SQLite unless NEON_DATABASE_URL/DATABASE_URL is set); the schema
+        is migrated at start-up.
+    python3 backend/dev.py test [PYTEST ARGS...]
+        Lint, type-check and run every test (SQLite, PostgreSQL, the real Better Auth server).
+    python3 backend/dev.py check
+        Lint and type-check only.
+    python3 backend/dev.py migrate
+        Apply the migrations to the configured database (a release-pipeline step).
+    python3 backend/dev.py token USER_ID [--minutes N]
+        Print an HS256 token for USER_ID signed with the configured BETTER_AUTH_SECRET.
+
+Works from any directory. uv comes from PATH, or is installed once into backend/.tools.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+BACKEND_DIR = Path(__file__).resolve().parent
+TOOLS_DIR = BACKEND_DIR / ".tools"
+UV_REQUIREMENT = "uv>=0.13,<0.14"
+
+if sys.version_info < (3, 11):  # noqa: UP036  (this file must explain itself on old Pythons too)
+    sys.exit("Python 3.11 or newer is needed; this is " + sys.version.split()[0])
+
+
+def say(message: str) -> None:
+    print(f"[dev] {message}", file=sys.stderr, flush=True)
+
+
+def find_uv() -> str:
+    found = shutil.which("uv")
+    if found:
+        return found
+    scripts = "Scripts" if os.name == "nt" else "bin"
+    executable = "uv.exe" if os.name == "nt" else "uv"
+    for candidate in (TOOLS_DIR / scripts / executable, TOOLS_DIR / "pip" / "bin" / executable):
+        if candidate.exists():
+            return str(candidate)
+    say("uv is not installed: installing it into backend/.tools (once)")
+    try:
+        venv.create(TOOLS_DIR, with_pip=True, clear=True)
+        python = TOOLS_DIR / scripts / ("python.exe" if os.name == "nt" else "python")
+        pip_install([str(python), "-m", "pip"], [UV_REQUIREMENT])
+        return str(TOOLS_DIR / scripts / executable)
+    except (subprocess.CalledProcessError, OSError) as error:
+        # Some distributions ship Python without ensurepip; pip itself may still be there.
+        say(f"a virtual environment for uv could not be made ({error}); trying pip --target")
+        pip_install(
+            [sys.executable, "-m", "pip"], ["--target", str(TOOLS_DIR / "pip"), UV_REQUIREMENT]
+        )
+        return str(TOOLS_DIR / "pip" / "bin" / executable)
+
+
+def pip_install(pip: list[str], arguments: list[str]) -> None:
+    subprocess.run(
+        [*pip, "install", "--quiet", "--disable-pip-version-check", *arguments], check=True
+    )
+
+
+def sync(uv: str) -> None:
+    """Create or update backend/.venv exactly as uv.lock says (fast when nothing changed)."""
+    subprocess.run(
+        [uv, "sync", "--frozen", "--python", sys.executable, "--quiet"], cwd=BACKEND_DIR, check=True
+    )
+
+
+def run(uv: str, *command: str) -> int:
+    try:
+        return subprocess.run(
+            [uv, "run", "--frozen", "--no-sync", *command], cwd=BACKEND_DIR
+        ).returncode
+    except KeyboardInterrupt:
+        return 130
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="start the API")
+    serve.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+    serve.add_argument("--port", default=os.environ.get("PORT", "8000"))
+    serve.add_argument("--reload", action="store_true", help="restart on code changes")
+    test = commands.add_parser("test", help="lint, type-check and run every test")
+    test.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    commands.add_parser("check", help="lint and type-check")
+    commands.add_parser("migrate", help="apply the migrations to the configured database")
+    token = commands.add_parser("token", help="print a development token")
+    token.add_argument("user_id")
+    token.add_argument("--minutes", default="60")
+    arguments = parser.parse_args()
+
+    uv = find_uv()
+    sync(uv)
+    if arguments.command == "serve":
+        reload = ["--reload"] if arguments.reload else []
+        return run(
+            uv,
+            "uvicorn",
+            "main:app",
+            "--host",
+            arguments.host,
+            "--port",
+            str(arguments.port),
+            *reload,
+        )
+    if arguments.command in {"test", "check"}:
+        for step in (("ruff", "check", "."), ("ruff", "format", "--check", "."), ("mypy", ".")):
+            say(" ".join(step))
+            if code := run(uv, *step):
+                return code
+        if arguments.command == "check":
+            return 0
+        say("pytest " + " ".join(arguments.pytest_args))
+        return run(uv, "pytest", *arguments.pytest_args)
+    if arguments.command == "migrate":
+        return run(uv, "alembic", "upgrade", "head")
+    return run(uv, "python", "dev_token.py", arguments.user_id, "--minutes", arguments.minutes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

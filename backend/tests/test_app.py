@@ -1,0 +1,118 @@
+"""What surrounds the task routes: health, readiness, CORS, OpenAPI, errors for unknown paths."""
+
+from httpx import ASGITransport, AsyncClient
+
+from main import create_app
+from tests.support import make_settings
+
+
+async def test_health_needs_no_token_and_no_database(client: AsyncClient) -> None:
+    response = await client.get("/health")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+async def test_readiness_touches_the_database(client: AsyncClient) -> None:
+    for path in ("/health/ready", "/ready"):
+        response = await client.get(path)
+        assert response.status_code == 200
+        assert response.json() == {"status": "ready", "database": "ok"}
+
+
+async def test_an_unreachable_database_is_503_on_readiness_and_health_stays_up() -> None:
+    # Port 1 on loopback refuses connections: a real fault, not a mock.
+    settings = make_settings(
+        database_url="postgresql://postgres@127.0.0.1:1/none", migrate_on_startup=False
+    )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = ASGITransport(app=app)
+        async with AsyncClient(transport=transport, base_url="http://test") as client:
+            assert (await client.get("/health")).status_code == 200
+            ready = await client.get("/health/ready")
+            listing = await client.get("/api/u/tasks", headers={})
+    assert ready.status_code == 503
+    assert ready.headers["Retry-After"].isdigit()
+    assert ready.json() == {"detail": "The database is unavailable right now; try again shortly."}
+    assert listing.status_code == 401
+
+
+async def test_cors_preflight_allows_the_frontend_with_credentials(client: AsyncClient) -> None:
+    response = await client.options(
+        "/api/someone/tasks/",
+        headers={
+            "Origin": "http://localhost:3000",
+            "Access-Control-Request-Method": "PATCH",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        },
+    )
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert response.headers["access-control-allow-credentials"] == "true"
+    assert "PATCH" in response.headers["access-control-allow-methods"]
+    allowed_headers = response.headers["access-control-allow-headers"].lower()
+    assert "authorization" in allowed_headers
+    assert "content-type" in allowed_headers
+
+
+async def test_cors_refuses_unknown_origins_and_never_answers_star(client: AsyncClient) -> None:
+    preflight = await client.options(
+        "/api/someone/tasks",
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"},
+    )
+    assert preflight.status_code == 400
+    assert "access-control-allow-origin" not in preflight.headers
+    simple = await client.get("/health", headers={"Origin": "http://localhost:3000"})
+    assert simple.headers["access-control-allow-origin"] == "http://localhost:3000"
+
+
+async def test_errors_carry_cors_headers_so_the_browser_can_read_them(client: AsyncClient) -> None:
+    response = await client.get("/api/someone/tasks", headers={"Origin": "http://localhost:3000"})
+    assert response.status_code == 401
+    assert response.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert "x-total-count" in response.headers["access-control-expose-headers"].lower()
+
+
+async def test_unknown_paths_and_methods_answer_with_a_detail(client: AsyncClient) -> None:
+    missing = await client.get("/api/nothing-here")
+    assert missing.status_code == 404
+    assert missing.json() == {"detail": "Not Found"}
+    wrong_method = await client.post("/api/someone/tasks/1")
+    assert wrong_method.status_code == 405
+    assert wrong_method.json() == {"detail": "Method Not Allowed"}
+
+
+async def test_openapi_documents_bearer_auth_and_every_error(client: AsyncClient) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    schemes = schema["components"]["securitySchemes"]
+    assert schemes["BetterAuthJWT"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "JWT",
+        "description": schemes["BetterAuthJWT"]["description"],
+    }
+    operations = {
+        (method.upper(), path): operation
+        for path, item in schema["paths"].items()
+        for method, operation in item.items()
+        if path.startswith("/api/")
+    }
+    assert set(operations) == {
+        ("GET", "/api/{user_id}/tasks"),
+        ("POST", "/api/{user_id}/tasks"),
+        ("GET", "/api/{user_id}/tasks/{task_id}"),
+        ("PUT", "/api/{user_id}/tasks/{task_id}"),
+        ("PATCH", "/api/{user_id}/tasks/{task_id}"),
+        ("DELETE", "/api/{user_id}/tasks/{task_id}"),
+        ("PATCH", "/api/{user_id}/tasks/{task_id}/complete"),
+    }
+    for (method, path), operation in operations.items():
+        documented = set(operation["responses"])
+        assert {"401", "403", "422"} <= documented, (method, path)
+        if "{task_id}" in path:
+            assert "404" in documented, (method, path)
+        assert operation["security"] == [{"BetterAuthJWT": []}]
+        assert operation.get("description"), (method, path)
+    docs = await client.get("/docs")
+    assert docs.status_code == 200
+    assert "swagger-ui" in docs.text

@@ -1,0 +1,132 @@
+"""Settings and database URLs: what users paste must work, unsafe production values must not."""
+
+import pytest
+from pydantic import ValidationError
+from sqlalchemy import text
+
+from config import DEVELOPMENT_SECRET, Settings, get_settings
+from db import UnsupportedDatabaseURL, create_engine, database_url, normalize_database_url
+from tests.support import make_settings
+
+GOOD_SECRET = "x" * 40
+NEON_URL = (
+    "postgresql://alex:AbC123dEf@ep-cool-darkness-123456-pooler.us-east-2.aws.neon.tech"
+    "/neondb?sslmode=require&channel_binding=require"
+)
+
+
+def production(**overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "environment": "production",
+        "better_auth_secret": GOOD_SECRET,
+        "database_url": "postgresql://app@db/app",
+    }
+    values.update(overrides)
+    return make_settings(**values)
+
+
+def test_production_accepts_safe_settings() -> None:
+    assert production().environment == "production"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"better_auth_secret": ""}, "BETTER_AUTH_SECRET"),
+        ({"better_auth_secret": DEVELOPMENT_SECRET}, "BETTER_AUTH_SECRET"),
+        ({"better_auth_secret": "changethis"}, "BETTER_AUTH_SECRET"),
+        ({"better_auth_secret": "short-but-not-a-placeholder"}, "at least 32 bytes"),
+        ({"database_url": None}, "NEON_DATABASE_URL"),
+        ({"cors_origins": ["*"]}, "CORS_ORIGINS"),
+    ],
+)
+def test_production_refuses_unsafe_settings(overrides: dict[str, object], named: str) -> None:
+    with pytest.raises(ValidationError, match=named):
+        production(**overrides)
+
+
+def test_development_runs_with_nothing_configured() -> None:
+    settings = Settings(_env_file=None)
+    assert settings.environment == "development"
+    assert settings.better_auth_secret == DEVELOPMENT_SECRET
+    assert settings.uses_placeholder_secret
+    assert database_url(settings).drivername == "sqlite+aiosqlite"
+
+
+def test_a_bad_setting_stops_start_up_without_echoing_values(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    secret = "leaky-but-too-short"
+    monkeypatch.setenv("ENVIRONMENT", "production")
+    monkeypatch.setenv("BETTER_AUTH_SECRET", secret)
+    monkeypatch.setenv("DATABASE_URL", NEON_URL)
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            get_settings()
+    finally:
+        get_settings.cache_clear()
+    message = str(stopped.value)
+    assert "BETTER_AUTH_SECRET must be at least 32 bytes" in message
+    assert secret not in message
+    assert "AbC123dEf" not in message
+
+
+def test_environment_names_the_frontends_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NEON_DATABASE_URL", "postgresql://neon@host/db")
+    monkeypatch.setenv("CORS_ORIGINS", "https://app.example.com/, http://localhost:3000")
+    monkeypatch.setenv("BETTER_AUTH_SECRET", GOOD_SECRET)
+    settings = Settings(_env_file=None)
+    assert settings.database_url == "postgresql://neon@host/db"
+    assert settings.cors_origins == ["https://app.example.com", "http://localhost:3000"]
+    assert settings.better_auth_secret == GOOD_SECRET
+    monkeypatch.delenv("NEON_DATABASE_URL")
+    monkeypatch.setenv("DATABASE_URL", "postgres://plain@host/db")
+    assert Settings(_env_file=None).database_url == "postgres://plain@host/db"
+
+
+def test_a_neon_console_url_is_kept_as_it_is_for_psycopg() -> None:
+    url = normalize_database_url(NEON_URL)
+    assert url.drivername == "postgresql+psycopg"
+    assert url.host == "ep-cool-darkness-123456-pooler.us-east-2.aws.neon.tech"
+    assert url.password == "AbC123dEf"
+    assert dict(url.query) == {"sslmode": "require", "channel_binding": "require"}
+
+
+@pytest.mark.parametrize(
+    ("raw", "driver"),
+    [
+        ("postgres://u:p@h/db", "postgresql+psycopg"),
+        ("postgresql+asyncpg://u:p@h/db", "postgresql+psycopg"),
+        ("postgresql+psycopg2://u:p@h/db", "postgresql+psycopg"),
+        ("sqlite:///tmp/x.db", "sqlite+aiosqlite"),
+        ("sqlite+aiosqlite:///tmp/x.db", "sqlite+aiosqlite"),
+    ],
+)
+def test_url_schemes_are_made_async(raw: str, driver: str) -> None:
+    assert normalize_database_url(raw).drivername == driver
+
+
+def test_asyncpg_style_ssl_becomes_sslmode() -> None:
+    assert dict(normalize_database_url("postgresql+asyncpg://u@h/db?ssl=require").query) == {
+        "sslmode": "require"
+    }
+
+
+@pytest.mark.parametrize("raw", ["mysql://u:p@h/db", "not a url at all"])
+def test_unsupported_urls_are_refused_without_echoing_them(raw: str) -> None:
+    with pytest.raises(UnsupportedDatabaseURL) as refused:
+        normalize_database_url(raw)
+    assert "u:p" not in str(refused.value)
+
+
+async def test_libpq_parameters_in_the_url_reach_the_server(postgres_url: str) -> None:
+    """Neon's `sslmode`/`channel_binding` travel to libpq untouched, as any parameter does."""
+    url = f"{postgres_url}?sslmode=prefer&channel_binding=prefer&application_name=todo-url-test"
+    engine = create_engine(make_settings(database_url=url))
+    try:
+        async with engine.connect() as connection:
+            name = await connection.scalar(text("SELECT current_setting('application_name')"))
+    finally:
+        await engine.dispose()
+    assert name == "todo-url-test"

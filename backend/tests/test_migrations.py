@@ -1,0 +1,137 @@
+"""The schema comes from the Alembic migrations: from empty, down, up again, and concurrently."""
+
+import asyncio
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator
+
+import psycopg
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import inspect, text
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlmodel import SQLModel
+
+from config import BACKEND_DIR
+from db import MIGRATION_LOCK_KEY, alembic_config, create_engine, upgrade_schema
+from tests.conftest import DEFAULT_ADMIN_URL
+from tests.support import make_settings
+
+
+@pytest.fixture
+async def empty_database_url(
+    backend: str, request: pytest.FixtureRequest, tmp_path: object
+) -> AsyncIterator[str]:
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path}/migrations.db"
+        return
+    request.getfixturevalue("postgres_url")  # skips or fails, as for every PostgreSQL test
+    admin_url = os.environ.get("TEST_DATABASE_URL", DEFAULT_ADMIN_URL)
+    name = f"todo_migrations_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def table_names(engine: AsyncEngine) -> set[str]:
+    async with engine.connect() as connection:
+        names: list[str] = await connection.run_sync(lambda sync: inspect(sync).get_table_names())
+    return set(names)
+
+
+async def downgrade_to_base(engine: AsyncEngine) -> None:
+    def downgrade(connection: Connection) -> None:
+        config = alembic_config()
+        config.attributes["connection"] = connection
+        command.downgrade(config, "base")
+
+    async with engine.begin() as connection:
+        await connection.run_sync(downgrade)
+
+
+async def test_upgrade_from_empty_then_down_and_up_again(empty_database_url: str) -> None:
+    engine = create_engine(make_settings(database_url=empty_database_url))
+    try:
+        assert await table_names(engine) == set()
+        await upgrade_schema(engine)
+        assert await table_names(engine) == {"tasks", "alembic_version"}
+        await upgrade_schema(engine)  # at head already: nothing to do, no error
+        await downgrade_to_base(engine)
+        assert await table_names(engine) == {"alembic_version"}
+        await upgrade_schema(engine)
+        assert "tasks" in await table_names(engine)
+    finally:
+        await engine.dispose()
+
+
+async def test_migrations_match_the_models(empty_database_url: str) -> None:
+    engine = create_engine(make_settings(database_url=empty_database_url))
+    try:
+        await upgrade_schema(engine)
+
+        def differences(connection: Connection) -> list[object]:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            found: list[object] = compare_metadata(context, SQLModel.metadata)
+            return found
+
+        async with engine.connect() as connection:
+            assert await connection.run_sync(differences) == []
+    finally:
+        await engine.dispose()
+
+
+async def waiting_on_the_lock(connection: AsyncConnection, expected: int) -> bool:
+    """Whether `expected` other sessions come to wait on an advisory lock within 30 s."""
+    query = text(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND wait_event = 'advisory'"
+    )
+    for _ in range(300):
+        # Activity is snapshotted once per transaction unless the snapshot is cleared.
+        await connection.execute(text("SELECT pg_stat_clear_snapshot()"))
+        if await connection.scalar(query) == expected:
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+async def test_an_upgrade_waits_for_one_already_running(
+    backend: str, empty_database_url: str
+) -> None:
+    """Instances starting together take turns: one migrates, the others then find it done."""
+    if backend != "postgresql":
+        pytest.skip("several instances share one database only on PostgreSQL")
+    engine = create_engine(make_settings(database_url=empty_database_url))
+    environment = {**os.environ, "DATABASE_URL": empty_database_url, "ENVIRONMENT": "test"}
+    try:
+        async with engine.connect() as holder:
+            # Stand in for an instance that is migrating right now.
+            await holder.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+            # Separate processes, as instances are (Alembic keeps per-process global state).
+            upgrades = [
+                await asyncio.create_subprocess_exec(
+                    *(sys.executable, "-m", "alembic", "upgrade", "head"),
+                    cwd=BACKEND_DIR,
+                    env=environment,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.STDOUT,
+                )
+                for _ in range(3)
+            ]
+            assert await waiting_on_the_lock(holder, expected=3)
+            assert [process.returncode for process in upgrades] == [None] * 3
+            assert "tasks" not in await table_names(engine)
+            await holder.execute(
+                text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY}
+            )
+        outputs = await asyncio.gather(*(process.communicate() for process in upgrades))
+        assert [process.returncode for process in upgrades] == [0] * 3, outputs
+        assert await table_names(engine) == {"tasks", "alembic_version"}
+    finally:
+        await engine.dispose()
