@@ -66,7 +66,8 @@ def _first(*values: str | None) -> str | None:
 
 
 def _non_negative(value: str | None) -> int | None:
-    if value is None or not value.isdigit():
+    # isdigit() alone accepts "²" and "①", which int() does not.
+    if value is None or not (value.isascii() and value.isdigit()):
         return None
     return min(int(value), MAX_PAGE_NUMBER)
 

@@ -1,0 +1,511 @@
+"""The list's query parameters (CONTRACT.md "The list's query parameters").
+
+Lenient by contract: an unknown parameter or value is ignored (200, never 422, never 500).
+Tasks whose timestamps matter are stored directly with fixed timestamps, so orderings are exact.
+"""
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from httpx import AsyncClient
+
+from models import Task
+from tests.support import ALICE, BOB, auth
+
+START = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def tasks_url(user_id: str = ALICE, suffix: str = "") -> str:
+    return f"/api/{user_id}/tasks{suffix}"
+
+
+async def store(
+    app: FastAPI,
+    title: str,
+    *,
+    created: int,
+    updated: int | None = None,
+    owner: str = ALICE,
+    description: str | None = None,
+    completed: bool = False,
+) -> int:
+    """Store a task with timestamps `created`/`updated` minutes after START; its id."""
+    task = Task(
+        user_id=owner,
+        title=title,
+        description=description,
+        completed=completed,
+        created_at=START + timedelta(minutes=created),
+        updated_at=START + timedelta(minutes=created if updated is None else updated),
+    )
+    async with app.state.sessionmaker() as session:
+        session.add(task)
+        await session.commit()
+    assert task.id is not None
+    return task.id
+
+
+async def create(
+    client: AsyncClient, title: str, owner: str = ALICE, **fields: Any
+) -> dict[str, Any]:
+    response = await client.post(
+        tasks_url(owner), json={"title": title, **fields}, headers=auth(owner)
+    )
+    assert response.status_code == 201, response.text
+    task: dict[str, Any] = response.json()
+    return task
+
+
+async def fetch(client: AsyncClient, params: Any = None) -> httpx.Response:
+    """GET the list; assert what every list answer has: 200, a bare array, a numeric total."""
+    response = await client.get(tasks_url(), params=params, headers=auth())
+    assert response.status_code == 200, response.text
+    assert isinstance(response.json(), list)
+    assert response.headers["X-Total-Count"].isdigit()
+    return response
+
+
+async def listed_ids(client: AsyncClient, params: Any = None) -> list[int]:
+    return [task["id"] for task in (await fetch(client, params)).json()]
+
+
+async def listed_titles(client: AsyncClient, params: Any = None) -> list[str]:
+    return [task["title"] for task in (await fetch(client, params)).json()]
+
+
+def total(response: httpx.Response) -> int:
+    return int(response.headers["X-Total-Count"])
+
+
+# --- default order -------------------------------------------------------------------------------
+
+
+async def test_default_order_is_newest_first_then_highest_id(
+    app: FastAPI, client: AsyncClient
+) -> None:
+    oldest = await store(app, "oldest", created=0)
+    # Three tasks with the very same created_at: the id breaks the tie, highest first.
+    tied = [await store(app, f"tied {number}", created=10) for number in range(3)]
+    newest = await store(app, "newest", created=20)
+    expected = [newest, *reversed(tied), oldest]
+    assert await listed_ids(client) == expected
+    assert await listed_ids(client, {"sort": "created"}) == expected
+    assert await listed_ids(client, {"sort": "created_at", "order": "desc"}) == expected
+    # Ascending reverses both keys.
+    assert await listed_ids(client, {"sort": "created_oldest"}) == list(reversed(expected))
+    assert await listed_ids(client, {"order": "asc"}) == list(reversed(expected))
+
+
+async def test_the_list_holds_only_the_owners_tasks(app: FastAPI, client: AsyncClient) -> None:
+    mine = await store(app, "mine milk", created=1, completed=True)
+    await store(app, "bob's milk", created=2, owner=BOB, completed=True)
+    for params in [{}, {"status": "completed"}, {"search": "milk"}, {"limit": "5"}]:
+        response = await fetch(client, params)
+        assert [task["id"] for task in response.json()] == [mine]
+        assert total(response) == 1
+
+
+# --- status --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def mixed(app: FastAPI, client: AsyncClient) -> dict[str, list[int]]:
+    """Two pending and two completed tasks of ALICE (newest first), and a pending and a
+    completed one of BOB that must never show."""
+    pending_old = await store(app, "pending old", created=1)
+    done_old = await store(app, "done old", created=2, completed=True)
+    pending_new = await store(app, "pending new", created=3)
+    done_new = await store(app, "done new", created=4, completed=True)
+    await store(app, "bob pending", created=5, owner=BOB)
+    await store(app, "bob done", created=6, owner=BOB, completed=True)
+    return {
+        "all": [done_new, pending_new, done_old, pending_old],
+        "pending": [pending_new, pending_old],
+        "completed": [done_new, done_old],
+    }
+
+
+PENDING_WORDS = ["pending", "incomplete", "active", "open", "todo"]
+COMPLETED_WORDS = ["completed", "done"]
+
+
+def spellings(word: str) -> list[str]:
+    return [word, word.upper(), word.capitalize()]
+
+
+@pytest.mark.parametrize("parameter", ["status", "status_filter"])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        *[(spelling, "pending") for word in PENDING_WORDS for spelling in spellings(word)],
+        *[(spelling, "completed") for word in COMPLETED_WORDS for spelling in spellings(word)],
+        *[(spelling, "all") for spelling in spellings("all")],
+    ],
+)
+async def test_status_filters(
+    client: AsyncClient,
+    mixed: dict[str, list[int]],
+    parameter: str,
+    value: str,
+    expected: str,
+) -> None:
+    response = await fetch(client, {parameter: value})
+    assert [task["id"] for task in response.json()] == mixed[expected]
+    assert total(response) == len(mixed[expected])
+    wanted_completion = {"pending": {False}, "completed": {True}, "all": {True, False}}[expected]
+    assert {task["completed"] for task in response.json()} == wanted_completion
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("true", "completed"), ("false", "pending"), ("TRUE", "completed"), ("False", "pending")],
+)
+async def test_completed_flag_filters(
+    client: AsyncClient, mixed: dict[str, list[int]], value: str, expected: str
+) -> None:
+    response = await fetch(client, {"completed": value})
+    assert [task["id"] for task in response.json()] == mixed[expected]
+    assert total(response) == len(mixed[expected])
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"status": "archived"},
+        {"status": ""},
+        {"status": "pending-ish"},
+        {"status_filter": "whatever"},
+        {"completed": "maybe"},
+        {"completed": ""},
+    ],
+)
+async def test_an_unknown_status_value_lists_everything(
+    client: AsyncClient, mixed: dict[str, list[int]], params: dict[str, str]
+) -> None:
+    response = await fetch(client, params)
+    assert [task["id"] for task in response.json()] == mixed["all"]
+    assert total(response) == 4
+
+
+# --- sorting -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def sortable(app: FastAPI, client: AsyncClient) -> dict[str, int]:
+    """Three tasks whose created, updated and title orders all differ."""
+    return {
+        "banana": await store(app, "banana", created=1, updated=50),
+        "Apple": await store(app, "Apple", created=2, updated=20),
+        "cherry": await store(app, "cherry", created=3, updated=30),
+    }
+
+
+SORT_CASES = [
+    pytest.param(None, None, ["cherry", "Apple", "banana"], id="default"),
+    pytest.param("created", None, ["cherry", "Apple", "banana"], id="created"),
+    pytest.param("created_at", None, ["cherry", "Apple", "banana"], id="created_at"),
+    pytest.param("created", "desc", ["cherry", "Apple", "banana"], id="created-desc"),
+    pytest.param("created", "asc", ["banana", "Apple", "cherry"], id="created-asc"),
+    pytest.param("created_at", "asc", ["banana", "Apple", "cherry"], id="created_at-asc"),
+    pytest.param("created_oldest", None, ["banana", "Apple", "cherry"], id="created_oldest"),
+    pytest.param("created_oldest", "desc", ["cherry", "Apple", "banana"], id="created_oldest-desc"),
+    pytest.param("updated", None, ["banana", "cherry", "Apple"], id="updated"),
+    pytest.param("updated_at", None, ["banana", "cherry", "Apple"], id="updated_at"),
+    pytest.param("updated", "desc", ["banana", "cherry", "Apple"], id="updated-desc"),
+    pytest.param("updated", "asc", ["Apple", "cherry", "banana"], id="updated-asc"),
+    pytest.param("updated_at", "asc", ["Apple", "cherry", "banana"], id="updated_at-asc"),
+    pytest.param("title", None, ["Apple", "banana", "cherry"], id="title"),
+    pytest.param("title", "asc", ["Apple", "banana", "cherry"], id="title-asc"),
+    pytest.param("title", "desc", ["cherry", "banana", "Apple"], id="title-desc"),
+    pytest.param(None, "asc", ["banana", "Apple", "cherry"], id="order-asc-alone"),
+    pytest.param(None, "desc", ["cherry", "Apple", "banana"], id="order-desc-alone"),
+    pytest.param("bogus", None, ["cherry", "Apple", "banana"], id="unknown-sort"),
+    pytest.param("bogus", "asc", ["banana", "Apple", "cherry"], id="unknown-sort-asc"),
+    pytest.param("title", "sideways", ["Apple", "banana", "cherry"], id="unknown-order"),
+    pytest.param("updated", "", ["banana", "cherry", "Apple"], id="empty-order"),
+    pytest.param("", "", ["cherry", "Apple", "banana"], id="both-empty"),
+]
+SORT_PARAMETER_NAMES = [
+    pytest.param("sort", "order", id="sort+order"),
+    pytest.param("sort_by", "sort_order", id="sort_by+sort_order"),
+    pytest.param("sortBy", "sortOrder", id="sortBy+sortOrder"),
+    pytest.param("sort_by", "sortOrder", id="sort_by+sortOrder"),
+    pytest.param("sortBy", "order", id="sortBy+order"),
+]
+
+
+@pytest.mark.parametrize(("sort_name", "order_name"), SORT_PARAMETER_NAMES)
+@pytest.mark.parametrize(("sort", "order", "expected"), SORT_CASES)
+async def test_sorting(
+    client: AsyncClient,
+    sortable: dict[str, int],
+    sort_name: str,
+    order_name: str,
+    sort: str | None,
+    order: str | None,
+    expected: list[str],
+) -> None:
+    params = {}
+    if sort is not None:
+        params[sort_name] = sort
+    if order is not None:
+        params[order_name] = order
+    response = await fetch(client, params)
+    assert [task["title"] for task in response.json()] == expected
+    assert total(response) == 3
+
+
+async def test_title_sort_ignores_case_and_breaks_ties_by_id(
+    app: FastAPI, client: AsyncClient
+) -> None:
+    # A case-sensitive sort would put "Banana" before "apple".
+    banana = await store(app, "Banana", created=1)
+    apple_lower = await store(app, "apple", created=2)
+    cherry = await store(app, "cherry", created=3)
+    apple_upper = await store(app, "APPLE", created=4)
+    ascending = [apple_lower, apple_upper, banana, cherry]
+    assert await listed_ids(client, {"sort": "title"}) == ascending
+    assert await listed_ids(client, {"sort": "title", "order": "desc"}) == ascending[::-1]
+
+
+async def test_updated_sort_follows_a_real_update(client: AsyncClient) -> None:
+    first = await create(client, "first")
+    second = await create(client, "second")
+    edited = await client.put(
+        tasks_url(suffix=f"/{first['id']}"), json={"title": "first, edited"}, headers=auth()
+    )
+    assert edited.status_code == 200
+    assert await listed_ids(client) == [second["id"], first["id"]]
+    assert await listed_ids(client, {"sort": "updated"}) == [first["id"], second["id"]]
+
+
+# --- search --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def searchable(app: FastAPI, client: AsyncClient) -> dict[str, int]:
+    titles = {
+        "milk": ("Buy MILK", None),
+        "mom": ("Call mom", "ask about the Oat Milk recipe"),
+        "percent": ("100% done", None),
+        "no percent": ("1000 done", "nothing special"),
+        "underscore": ("snake_case", None),
+        "no underscore": ("snakeXcase", None),
+        "slash": ("path/to\\file", None),
+        "no slash": ("pathXtoXfile", None),
+    }
+    ids = {}
+    for minute, (key, (title, description)) in enumerate(titles.items()):
+        ids[key] = await store(app, title, created=minute, description=description)
+    await store(app, "bob's milk", created=99, owner=BOB)
+    return ids
+
+
+@pytest.mark.parametrize("parameter", ["search", "q"])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("milk", ["mom", "milk"], id="title-and-description"),
+        pytest.param("MiLk", ["mom", "milk"], id="case-insensitive"),
+        pytest.param("oat milk", ["mom"], id="description-only"),
+        pytest.param("buy", ["milk"], id="title-only"),
+        pytest.param("%", ["percent"], id="percent-literal"),
+        pytest.param("0%", ["percent"], id="percent-suffix"),
+        pytest.param("100%", ["percent"], id="percent-whole"),
+        pytest.param("_", ["underscore"], id="underscore-literal"),
+        pytest.param("e_c", ["underscore"], id="underscore-inside"),
+        pytest.param("/", ["slash"], id="slash-literal"),
+        pytest.param("\\", ["slash"], id="backslash-literal"),
+        pytest.param("nothing like this", [], id="no-match"),
+        pytest.param("'; DROP TABLE tasks; --", [], id="sql-text"),
+    ],
+)
+async def test_search(
+    client: AsyncClient,
+    searchable: dict[str, int],
+    parameter: str,
+    text: str,
+    expected: list[str],
+) -> None:
+    response = await fetch(client, {parameter: text})
+    assert [task["id"] for task in response.json()] == [searchable[key] for key in expected]
+    assert total(response) == len(expected)
+
+
+@pytest.mark.parametrize("params", [{"search": ""}, {"q": ""}, {"search": "   "}])
+async def test_an_empty_search_lists_everything(
+    client: AsyncClient, searchable: dict[str, int], params: dict[str, str]
+) -> None:
+    assert len(await listed_ids(client, params)) == len(searchable)
+
+
+@pytest.mark.parametrize("text", ["\x00", "mi\x00lk", "%00", "\x00%"])
+async def test_a_nul_in_search_is_200(
+    client: AsyncClient, searchable: dict[str, int], text: str
+) -> None:
+    for parameter in ["search", "q"]:
+        await fetch(client, {parameter: text})
+    tasks = await listed_ids(client)
+    assert len(tasks) == len(searchable)
+
+
+async def test_search_combines_with_status_and_paging(app: FastAPI, client: AsyncClient) -> None:
+    await store(app, "milk, pending", created=1)
+    done_old = await store(app, "milk, done", created=2, completed=True)
+    done_new = await store(app, "more milk, done", created=3, completed=True)
+    await store(app, "bread, done", created=4, completed=True)
+    response = await fetch(client, {"q": "MILK", "status": "done", "limit": "1"})
+    assert [task["id"] for task in response.json()] == [done_new]
+    assert total(response) == 2
+    response = await fetch(client, {"q": "MILK", "status": "done", "limit": "1", "offset": "1"})
+    assert [task["id"] for task in response.json()] == [done_old]
+
+
+async def test_search_is_case_insensitive_beyond_ascii(app: FastAPI, client: AsyncClient) -> None:
+    summer = await store(app, "Été à Paris", created=1)
+    await store(app, "Winter", created=2)
+    assert await listed_ids(client, {"search": "été"}) == [summer]
+    assert await listed_ids(client, {"search": "ÉTÉ"}) == [summer]
+    assert await listed_ids(client, {"search": "À PARIS"}) == [summer]
+
+
+# --- paging --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def five(app: FastAPI, client: AsyncClient) -> list[int]:
+    """Five tasks of ALICE, newest first, and one of BOB."""
+    ids = [await store(app, f"task {minute}", created=minute) for minute in range(5)]
+    await store(app, "bob's", created=9, owner=BOB)
+    return ids[::-1]
+
+
+@pytest.mark.parametrize(
+    ("params", "window"),
+    [
+        pytest.param({"limit": "2"}, slice(0, 2), id="limit"),
+        pytest.param({"limit": "2", "offset": "2"}, slice(2, 4), id="limit-offset"),
+        pytest.param({"limit": "2", "skip": "2"}, slice(2, 4), id="limit-skip"),
+        pytest.param({"offset": "3"}, slice(3, 5), id="offset-alone"),
+        pytest.param({"skip": "4"}, slice(4, 5), id="skip-alone"),
+        pytest.param({"limit": "2", "offset": "4"}, slice(4, 5), id="last-page"),
+        pytest.param({"offset": "5"}, slice(5, 5), id="offset-at-end"),
+        pytest.param({"offset": "500"}, slice(5, 5), id="offset-beyond"),
+        pytest.param({"limit": "5"}, slice(0, 5), id="limit-exact"),
+        pytest.param({"limit": "100"}, slice(0, 5), id="limit-larger"),
+        pytest.param({"offset": "0"}, slice(0, 5), id="offset-zero"),
+        pytest.param({"limit": "99999999999999999999"}, slice(0, 5), id="limit-huge"),
+        pytest.param({"offset": "99999999999999999999"}, slice(5, 5), id="offset-huge"),
+    ],
+)
+async def test_paging_and_the_total_before_paging(
+    client: AsyncClient, five: list[int], params: dict[str, str], window: slice
+) -> None:
+    response = await fetch(client, params)
+    assert [task["id"] for task in response.json()] == five[window]
+    assert total(response) == 5
+
+
+async def test_the_pages_cover_the_list_once(client: AsyncClient, five: list[int]) -> None:
+    seen: list[int] = []
+    for offset in range(0, 6, 2):
+        seen += await listed_ids(client, {"limit": "2", "offset": str(offset)})
+    assert seen == five
+
+
+async def test_paging_applies_to_the_sorted_list(client: AsyncClient, five: list[int]) -> None:
+    page = await listed_ids(client, {"sort": "created_oldest", "limit": "2", "offset": "1"})
+    assert page == five[::-1][1:3]
+
+
+async def test_the_total_counts_the_filtered_tasks(
+    client: AsyncClient, mixed: dict[str, list[int]]
+) -> None:
+    response = await fetch(client, {"status": "pending", "limit": "1"})
+    assert [task["id"] for task in response.json()] == mixed["pending"][:1]
+    assert total(response) == 2
+    unpaged = await fetch(client, {"status": "completed"})
+    assert total(unpaged) == 2
+
+
+async def test_the_total_of_an_empty_list_is_zero(client: AsyncClient) -> None:
+    for params in [{}, {"limit": "10"}, {"offset": "3"}]:
+        response = await fetch(client, params)
+        assert response.json() == []
+        assert total(response) == 0
+
+
+# --- leniency ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        pytest.param({"limit": "abc"}, id="limit-abc"),
+        pytest.param({"limit": "-1"}, id="limit-negative"),
+        pytest.param({"limit": "1.5"}, id="limit-fraction"),
+        pytest.param({"limit": ""}, id="limit-empty"),
+        pytest.param({"limit": "1e2"}, id="limit-exponent"),
+        pytest.param({"limit": "0x2"}, id="limit-hex"),
+        pytest.param({"limit": "null"}, id="limit-null"),
+        pytest.param({"offset": "x"}, id="offset-x"),
+        pytest.param({"offset": "-1"}, id="offset-negative"),
+        pytest.param({"skip": "-3"}, id="skip-negative"),
+        pytest.param({"skip": "abc"}, id="skip-abc"),
+        pytest.param({"sort": "bogus"}, id="sort-bogus"),
+        pytest.param({"sort_by": "id; DROP TABLE tasks"}, id="sort-injection"),
+        pytest.param({"sortBy": "password"}, id="sortBy-unknown-column"),
+        pytest.param({"order": "sideways"}, id="order-bogus"),
+        pytest.param({"sortOrder": "random()"}, id="sortOrder-bogus"),
+        pytest.param({"status": "archived"}, id="status-bogus"),
+        pytest.param({"completed": "maybe"}, id="completed-bogus"),
+        pytest.param({"foo": "bar"}, id="unknown-parameter"),
+        pytest.param({"page": "2", "per_page": "10", "pageSize": "3"}, id="page-style"),
+        pytest.param({"user_id": BOB}, id="user_id-parameter"),
+        pytest.param({"fields": "id,title", "include": "all"}, id="more-unknowns"),
+        pytest.param({"limit": "\x00"}, id="limit-nul"),
+        pytest.param({"sort": "\x00"}, id="sort-nul"),
+        pytest.param({"status": "\x00"}, id="status-nul"),
+    ],
+)
+async def test_invalid_values_and_unknown_parameters_are_ignored(
+    client: AsyncClient, five: list[int], params: dict[str, str]
+) -> None:
+    response = await fetch(client, params)
+    assert total(response) == 5
+    # Ignored means: the default list, whole, newest first.
+    assert [task["id"] for task in response.json()] == five
+
+
+async def test_repeated_and_blank_parameters_are_not_a_422(
+    client: AsyncClient, five: list[int]
+) -> None:
+    response = await client.get(
+        tasks_url() + "?status=&status=&limit=&limit=&sort=&q=&search=&&=&order",
+        headers=auth(),
+    )
+    assert response.status_code == 200, response.text
+    assert [task["id"] for task in response.json()] == five
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        pytest.param({"limit": "\u00b2"}, id="limit-superscript-two"),
+        pytest.param({"offset": "\u00b9"}, id="offset-superscript-one"),
+        pytest.param({"skip": "\u2460"}, id="skip-circled-one"),
+    ],
+)
+async def test_digit_like_characters_in_paging_are_ignored(
+    client: AsyncClient, five: list[int], params: dict[str, str]
+) -> None:
+    response = await client.get(tasks_url(), params=params, headers=auth())
+    assert response.status_code == 200, response.text
+    assert [task["id"] for task in response.json()] == five
+    assert response.headers["X-Total-Count"] == "5"
