@@ -43,6 +43,18 @@ class Settings(BaseSettings):
     jwt_audience: str | None = None
     jwt_leeway_seconds: int = Field(default=30, ge=0, le=60)
 
+    # Better Auth's JWT plugin: keys from its JWKS; `iss` and `aud` are its base URL by default.
+    better_auth_jwks_url: str | None = None
+    better_auth_issuer: str | None = None
+    better_auth_audience: str | None = None
+    jwks_refresh_cooldown_seconds: float = Field(default=2.0, ge=0.1, le=300)
+    jwks_cache_seconds: float = Field(default=600, ge=10)
+    # Opaque session tokens (bearer plugin), checked with Better Auth's get-session: off by default.
+    better_auth_session_lookup: bool = False
+    session_lookup_cache_seconds: float = Field(default=30, ge=0, le=300)
+    # Read the `better-auth.session_data` cookie-cache JWT when no Authorization header is sent.
+    better_auth_session_cookie: bool = False
+
     database_url: str | None = Field(
         default=None, validation_alias=AliasChoices("NEON_DATABASE_URL", "DATABASE_URL")
     )
@@ -63,7 +75,15 @@ class Settings(BaseSettings):
             return [origin.strip().rstrip("/") for origin in value.split(",") if origin.strip()]
         return value
 
-    @field_validator("database_url", "jwt_issuer", "jwt_audience", mode="before")
+    @field_validator(
+        "database_url",
+        "jwt_issuer",
+        "jwt_audience",
+        "better_auth_jwks_url",
+        "better_auth_issuer",
+        "better_auth_audience",
+        mode="before",
+    )
     @classmethod
     def empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -91,6 +111,26 @@ class Settings(BaseSettings):
         if problems:
             raise ValueError("unsafe production settings: " + "; ".join(problems))
         return self
+
+    @property
+    def better_auth_base_url(self) -> str:
+        return self.better_auth_url.strip().rstrip("/")
+
+    @property
+    def jwks_url(self) -> str:
+        return self.better_auth_jwks_url or f"{self.better_auth_base_url}/api/auth/jwks"
+
+    @property
+    def session_url(self) -> str:
+        return f"{self.better_auth_base_url}/api/auth/get-session"
+
+    @property
+    def jwks_issuer(self) -> str:
+        return self.better_auth_issuer or self.better_auth_base_url
+
+    @property
+    def jwks_audience(self) -> str:
+        return self.better_auth_audience or self.better_auth_base_url
 
     @property
     def uses_placeholder_secret(self) -> bool:

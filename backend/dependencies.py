@@ -13,8 +13,15 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import select
 
-from auth.jwt import InvalidToken, TokenVerifier
-from errors import InvalidCredentials, NotAuthenticated, TaskNotFound, WrongUser
+from auth.jwt import InvalidToken, TokenVerifier, VerificationUnavailable
+from config import Settings
+from errors import (
+    AuthUnavailable,
+    InvalidCredentials,
+    NotAuthenticated,
+    TaskNotFound,
+    WrongUser,
+)
 from models import TASK_ID_MAX, TASK_ID_MIN, Task
 
 logger = logging.getLogger("todo.auth")
@@ -41,15 +48,41 @@ async def get_current_user_id(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)],
 ) -> str:
     """The id of the user the bearer token names; 401 when there is no valid token."""
-    if credentials is None or not credentials.credentials:
+    token = credentials.credentials if credentials is not None else session_cookie_token(request)
+    if not token:
         raise NotAuthenticated()
     verifier: TokenVerifier = request.app.state.token_verifier
     try:
-        token = await verifier.verify(credentials.credentials)
+        verified = await verifier.verify(token)
     except InvalidToken as error:
         logger.info("token refused: %s", error)
         raise InvalidCredentials() from None
-    return token.user_id
+    except VerificationUnavailable as error:
+        logger.warning("token could not be checked: %s", error)
+        raise AuthUnavailable() from None
+    return verified.user_id
+
+
+SESSION_COOKIES = ("better-auth.session_data", "__Secure-better-auth.session_data")
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def session_cookie_token(request: Request) -> str | None:
+    """Better Auth's cookie-cache JWT, when that is turned on and no Authorization header came.
+
+    A cookie travels with requests a page did not mean to make, so a cookie may change data only
+    when the request says it comes from one of the configured frontend origins.
+    """
+    settings: Settings = request.app.state.settings
+    if not settings.better_auth_session_cookie:
+        return None
+    token = next(
+        (request.cookies[name] for name in SESSION_COOKIES if name in request.cookies), None
+    )
+    origin = request.headers.get("origin", "").rstrip("/")
+    if token and request.method not in SAFE_METHODS and origin not in settings.cors_origins:
+        return None
+    return token
 
 
 CurrentUserId = Annotated[str, Depends(get_current_user_id)]

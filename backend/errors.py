@@ -38,6 +38,14 @@ class TaskNotFound(APIError):
     detail = "Task not found."
 
 
+class AuthUnavailable(APIError):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    detail = (
+        "The token cannot be checked right now (Better Auth is unreachable); try again shortly."
+    )
+    headers: ClassVar[dict[str, str] | None] = {"Retry-After": "5"}
+
+
 class DatabaseUnavailable(APIError):
     status_code = status.HTTP_503_SERVICE_UNAVAILABLE
     detail = "The database is unavailable right now; try again shortly."

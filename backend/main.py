@@ -4,13 +4,14 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import httpx
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from sqlalchemy import exc as sa_exc
 
-from auth.jwt import TokenVerifier
+from auth.jwt import JWKSCache, SessionLookup, TokenVerifier
 from config import Settings, get_settings
 from db import create_engine, create_sessionmaker, upgrade_schema
 from dependencies import check_access
@@ -48,6 +49,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         await engine.dispose()
+        await app.state.auth_http.aclose()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -60,12 +62,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.token_verifier = TokenVerifier(
-        secret=settings.better_auth_secret,
-        issuer=settings.jwt_issuer,
-        audience=settings.jwt_audience,
-        leeway_seconds=settings.jwt_leeway_seconds,
+    # For Better Auth's JWKS and session endpoints; no redirects: the URLs are configured ones.
+    app.state.auth_http = httpx.AsyncClient(
+        follow_redirects=False, limits=httpx.Limits(max_connections=20)
     )
+    app.state.token_verifier = build_token_verifier(settings, app.state.auth_http)
     # Trailing slashes are answered by TrailingSlashMiddleware, never redirected.
     app.router.redirect_slashes = False
     app.include_router(health.router)
@@ -89,6 +90,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_age=600,
     )
     return app
+
+
+def build_token_verifier(settings: Settings, http: httpx.AsyncClient) -> TokenVerifier:
+    sessions = None
+    if settings.better_auth_session_lookup:
+        sessions = SessionLookup(
+            settings.session_url, http, cache_seconds=settings.session_lookup_cache_seconds
+        )
+    return TokenVerifier(
+        secret=settings.better_auth_secret,
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        leeway_seconds=settings.jwt_leeway_seconds,
+        jwks=JWKSCache(
+            settings.jwks_url,
+            http,
+            refresh_cooldown_seconds=settings.jwks_refresh_cooldown_seconds,
+            max_age_seconds=settings.jwks_cache_seconds,
+        ),
+        jwks_issuer=settings.jwks_issuer,
+        jwks_audience=settings.jwks_audience,
+        sessions=sessions,
+    )
 
 
 def error_response(error: APIError) -> JSONResponse:

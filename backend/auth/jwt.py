@@ -1,20 +1,45 @@
 """Verifying the bearer tokens Better Auth frontends send.
 
-Pure verification: no web framework, no database. Errors are this module's own; the web layer
-turns `InvalidToken` into 401.
+No web framework, no database. Errors are this module's own: the web layer turns `InvalidToken`
+into 401 and `VerificationUnavailable` into 503.
+
+Four kinds of token are accepted (CONTRACT.md, "Tokens the backend must accept"):
+- HS256/384/512 JWTs signed with `BETTER_AUTH_SECRET` (the frontends' own, and Better Auth's
+  cookie-cache JWT);
+- Better Auth JWT plugin tokens (EdDSA by default; ES*, RS*, PS*) checked against its JWKS;
+- opaque Better Auth session tokens, when session lookup is turned on.
 
 The header's `alg` picks the key family and each key verifies exactly one family (RFC 8725 §3.1):
-the shared secret only HS256/384/512. Headers that would make a verifier fetch or trust keys named
-by the token itself (`jku`, `x5u`, `jwk`, `x5c`) are refused, never followed.
+the shared secret only HS*, a JWKS key only the algorithm it declares (or its key type implies).
+Headers that would make a verifier fetch or trust keys named by the token itself (`jku`, `x5u`,
+`jwk`, `x5c`) are refused, never followed.
 """
 
+import asyncio
+import hashlib
+import logging
+import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import jwt
+import orjson
+
+logger = logging.getLogger("todo.auth")
 
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
+EC_ALGORITHMS_BY_CURVE = {
+    "P-256": frozenset({"ES256"}),
+    "P-384": frozenset({"ES384"}),
+    "P-521": frozenset({"ES512"}),
+}
+ASYMMETRIC_ALGORITHMS = RSA_ALGORITHMS | {"ES256", "ES384", "ES512", "EdDSA"}
+MAX_JWKS_BYTES = 256 * 1024
+MAX_OPAQUE_TOKEN_LENGTH = 512
 # Token-supplied key locations and critical extensions we do not implement are refused outright.
 FORBIDDEN_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c", "crit"})
 MAX_TOKEN_BYTES = 8 * 1024
@@ -31,6 +56,10 @@ class InvalidToken(Exception):
     """
 
 
+class VerificationUnavailable(Exception):
+    """Better Auth's JWKS or session endpoint, needed to check this token, is unreachable."""
+
+
 @dataclass(frozen=True, slots=True)
 class VerifiedToken:
     user_id: str
@@ -38,7 +67,7 @@ class VerifiedToken:
 
 
 class TokenVerifier:
-    """Verifies a compact JWS and returns who it names."""
+    """Verifies a bearer token and returns who it names."""
 
     def __init__(
         self,
@@ -47,14 +76,26 @@ class TokenVerifier:
         issuer: str | None = None,
         audience: str | None = None,
         leeway_seconds: int = 30,
+        jwks: "JWKSCache | None" = None,
+        jwks_issuer: str | None = None,
+        jwks_audience: str | None = None,
+        sessions: "SessionLookup | None" = None,
     ) -> None:
         # Better Auth and `jose` frontends HMAC with the UTF-8 bytes of the secret as written.
         self._hmac_key = secret.encode("utf-8")
         self._issuer = issuer
         self._audience = audience
         self._leeway = leeway_seconds
+        self._jwks = jwks
+        self._jwks_issuer = jwks_issuer
+        self._jwks_audience = jwks_audience
+        self._sessions = sessions
 
     async def verify(self, token: str) -> VerifiedToken:
+        if token.count(".") != 2:
+            if self._sessions is not None:
+                return VerifiedToken(user_id=await self._sessions.user_id_for(token), claims={})
+            raise InvalidToken("token is not a compact JWS")
         header = read_header(token)
         algorithm = header["alg"]
         if algorithm in HMAC_ALGORITHMS:
@@ -66,8 +107,30 @@ class TokenVerifier:
                 audience=self._audience,
                 leeway_seconds=self._leeway,
             )
+        elif algorithm in ASYMMETRIC_ALGORITHMS and self._jwks is not None:
+            # Claims first, unverified: a token that would be refused anyway is refused without
+            # asking Better Auth for keys, and so never depends on it being reachable.
+            user_id_from_claims(
+                decode_claims(
+                    token,
+                    None,
+                    algorithm,
+                    issuer=self._jwks_issuer,
+                    audience=self._jwks_audience,
+                    leeway_seconds=self._leeway,
+                )
+            )
+            key = await self._jwks.key_for(header.get("kid"), algorithm)
+            claims = decode_claims(
+                token,
+                key,
+                algorithm,
+                issuer=self._jwks_issuer,
+                audience=self._jwks_audience,
+                leeway_seconds=self._leeway,
+            )
         else:
-            raise InvalidToken(f"algorithm {algorithm!r} is not accepted")
+            raise InvalidToken(f"algorithm {algorithm[:16]!r} is not accepted")
         return VerifiedToken(user_id=user_id_from_claims(claims), claims=claims)
 
 
@@ -75,8 +138,6 @@ def read_header(token: str) -> dict[str, Any]:
     """The token's protected header, checked before any key is chosen."""
     if len(token) > MAX_TOKEN_BYTES:
         raise InvalidToken("token is larger than 8 KiB")
-    if token.count(".") != 2:
-        raise InvalidToken("token is not a compact JWS")
     try:
         header = jwt.get_unverified_header(token)
     except jwt.PyJWTError as error:
@@ -99,7 +160,10 @@ def decode_claims(
     audience: str | None,
     leeway_seconds: int,
 ) -> dict[str, Any]:
-    """Check the signature with `key` for exactly `algorithm`, then the registered claims."""
+    """Check the signature with `key` for exactly `algorithm`, then the registered claims.
+
+    With `key=None` only the claims are checked: a pre-check, never a verification.
+    """
     try:
         claims: dict[str, Any] = jwt.decode(
             token,
@@ -109,6 +173,10 @@ def decode_claims(
             audience=audience,
             leeway=leeway_seconds,
             options={
+                "verify_signature": key is not None,
+                "verify_exp": True,
+                "verify_nbf": True,
+                "verify_iat": True,
                 "require": ["exp"],
                 "verify_aud": audience is not None,
                 "verify_iss": issuer is not None,
@@ -143,3 +211,243 @@ def _valid_user_id(value: object) -> str:
     except UnicodeEncodeError as error:
         raise InvalidToken("token subject is not valid Unicode") from error
     return value
+
+
+def algorithms_for_jwk(jwk: Mapping[str, Any]) -> frozenset[str]:
+    """The signature algorithms a published key may verify: the one it declares, else the ones
+    its key type implies. Symmetric (`oct`) and encryption keys verify nothing."""
+    if jwk.get("use", "sig") != "sig":
+        return frozenset()
+    implied: frozenset[str] = frozenset()
+    key_type = jwk.get("kty")
+    if key_type == "RSA":
+        implied = RSA_ALGORITHMS
+    elif key_type == "EC":
+        implied = EC_ALGORITHMS_BY_CURVE.get(str(jwk.get("crv")), frozenset())
+    elif key_type == "OKP" and jwk.get("crv") == "Ed25519":
+        implied = frozenset({"EdDSA"})
+    declared = jwk.get("alg")
+    if declared is None:
+        return implied
+    return implied & {declared}
+
+
+@dataclass(frozen=True, slots=True)
+class PublishedKey:
+    kid: str | None
+    algorithms: frozenset[str]
+    jwk: Mapping[str, Any]
+
+
+class JWKSCache:
+    """Better Auth's public keys, fetched without blocking the event loop and kept in memory.
+
+    - Fetched on first use; refreshed in the background once older than `max_age_seconds`.
+    - A token with an unknown `kid` (Better Auth restarted or rotated its key) triggers one refresh,
+      at most one per `refresh_cooldown_seconds` however many such tokens arrive, so random `kid`s
+      cannot make the backend hammer Better Auth.
+    - Unreachable with nothing cached: `VerificationUnavailable` within `timeout_seconds`; after a
+      failed attempt, further requests fail at once until the cool-down has passed.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        http: httpx.AsyncClient,
+        *,
+        timeout_seconds: float = 2.5,
+        refresh_cooldown_seconds: float = 2.0,
+        max_age_seconds: float = 600.0,
+    ) -> None:
+        self.url = url
+        self._http = http
+        self._timeout = timeout_seconds
+        self._cooldown = refresh_cooldown_seconds
+        self._max_age = max_age_seconds
+        self._keys: list[PublishedKey] | None = None
+        self._key_objects: dict[tuple[str | None, str], Any] = {}
+        self._fetched_at = 0.0
+        self._last_attempt = -float("inf")
+        self._lock = asyncio.Lock()
+        self._background: asyncio.Task[None] | None = None
+        self.fetch_count = 0
+
+    async def key_for(self, kid: object, algorithm: str) -> Any:
+        if kid is not None and not isinstance(kid, str):
+            raise InvalidToken("token kid is not a string")
+        if self._keys is None:
+            if time.monotonic() - self._last_attempt < self._cooldown:
+                raise VerificationUnavailable("JWKS unreachable (recent attempt failed)")
+            await self._refresh(wait_for_cooldown=False)
+        elif time.monotonic() - self._fetched_at > self._max_age:
+            self._refresh_in_background()
+        key = self._find(kid, algorithm)
+        if key is None and kid is not None and not self._knows(kid):
+            # Perhaps Better Auth has a new key since we last looked.
+            await self._refresh(wait_for_cooldown=True)
+            key = self._find(kid, algorithm)
+        if key is None:
+            raise InvalidToken("no published key verifies this token")
+        return key
+
+    def _knows(self, kid: str) -> bool:
+        return any(published.kid == kid for published in self._keys or [])
+
+    def _find(self, kid: str | None, algorithm: str) -> Any:
+        candidates = [
+            published
+            for published in self._keys or []
+            if algorithm in published.algorithms and (kid is None or published.kid == kid)
+        ]
+        if len(candidates) != 1:
+            return None
+        cache_key = (candidates[0].kid, algorithm)
+        if cache_key not in self._key_objects:
+            try:
+                self._key_objects[cache_key] = jwt.PyJWK(dict(candidates[0].jwk), algorithm).key
+            except jwt.PyJWTError:
+                return None
+        return self._key_objects[cache_key]
+
+    def _refresh_in_background(self) -> None:
+        if self._background is None or self._background.done():
+            self._background = asyncio.create_task(self._refresh(wait_for_cooldown=False))
+
+    async def _refresh(self, *, wait_for_cooldown: bool) -> None:
+        requested_at = time.monotonic()
+        async with self._lock:
+            if self._last_attempt >= requested_at:
+                # Another request refreshed while this one waited for the lock.
+                if self._keys is None:
+                    raise VerificationUnavailable("JWKS unreachable")
+                return
+            if wait_for_cooldown:
+                remaining = self._last_attempt + self._cooldown - time.monotonic()
+                if remaining > 0:
+                    await asyncio.sleep(remaining)
+            self._last_attempt = time.monotonic()
+            try:
+                keys = await self._fetch()
+            except VerificationUnavailable:
+                if self._keys is None or wait_for_cooldown:
+                    raise
+                logger.warning("JWKS refresh failed; keeping the keys fetched before")
+                return
+            self._keys = keys
+            self._key_objects.clear()
+            self._fetched_at = time.monotonic()
+
+    async def _fetch(self) -> list[PublishedKey]:
+        self.fetch_count += 1
+        try:
+            async with asyncio.timeout(self._timeout):
+                async with self._http.stream("GET", self.url) as response:
+                    if response.status_code != 200:
+                        raise VerificationUnavailable(f"JWKS answered {response.status_code}")
+                    body = bytearray()
+                    async for chunk in response.aiter_bytes():
+                        body += chunk
+                        if len(body) > MAX_JWKS_BYTES:
+                            raise VerificationUnavailable("JWKS document is too large")
+        except (httpx.HTTPError, TimeoutError, OSError) as error:
+            logger.warning("JWKS fetch failed: %s", type(error).__name__)
+            raise VerificationUnavailable("JWKS unreachable") from None
+        return parse_jwks(bytes(body))
+
+
+def parse_jwks(document: bytes) -> list[PublishedKey]:
+    """The usable signature keys of a JWKS document; anything else in it is ignored."""
+    try:
+        parsed = orjson.loads(document)
+    except orjson.JSONDecodeError:
+        raise VerificationUnavailable("JWKS document is not JSON") from None
+    entries = parsed.get("keys") if isinstance(parsed, dict) else None
+    if not isinstance(entries, list):
+        raise VerificationUnavailable("JWKS document has no key list")
+    keys = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        algorithms = algorithms_for_jwk(entry)
+        kid = entry.get("kid")
+        if algorithms and (kid is None or isinstance(kid, str)):
+            keys.append(PublishedKey(kid=kid, algorithms=algorithms, jwk=entry))
+    return keys
+
+
+class SessionLookup:
+    """Opaque Better Auth session tokens (bearer plugin), asked of Better Auth's `get-session`.
+
+    Answers are cached for `cache_seconds` (a signed-out session keeps working that long); a "no
+    session" answer for a few seconds, so a retried bad token does not reach Better Auth each time.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        http: httpx.AsyncClient,
+        *,
+        timeout_seconds: float = 2.5,
+        cache_seconds: float = 30.0,
+        negative_cache_seconds: float = 5.0,
+        max_entries: int = 10_000,
+    ) -> None:
+        self.url = url
+        self._http = http
+        self._timeout = timeout_seconds
+        self._ttl = cache_seconds
+        self._negative_ttl = negative_cache_seconds
+        self._max_entries = max_entries
+        # sha256(token) -> (user id or None for "no session", expiry on the monotonic clock)
+        self._answers: OrderedDict[bytes, tuple[str | None, float]] = OrderedDict()
+
+    async def user_id_for(self, token: str) -> str:
+        if not token or len(token) > MAX_OPAQUE_TOKEN_LENGTH or not _is_token_text(token):
+            raise InvalidToken("not a session token")
+        digest = hashlib.sha256(token.encode()).digest()
+        cached = self._answers.get(digest)
+        if cached is not None and cached[1] > time.monotonic():
+            if cached[0] is None:
+                raise InvalidToken("no session (cached)")
+            return cached[0]
+        user_id = await self._ask(token)
+        self._remember(digest, user_id)
+        if user_id is None:
+            raise InvalidToken("Better Auth knows no such session")
+        return user_id
+
+    async def _ask(self, token: str) -> str | None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                response = await self._http.get(
+                    self.url, headers={"Authorization": f"Bearer {token}"}
+                )
+        except (httpx.HTTPError, TimeoutError, OSError) as error:
+            logger.warning("session lookup failed: %s", type(error).__name__)
+            raise VerificationUnavailable("Better Auth unreachable") from None
+        if response.status_code in {401, 403, 404}:
+            return None
+        if response.status_code != 200:
+            raise VerificationUnavailable(f"get-session answered {response.status_code}")
+        try:
+            answer = response.json()
+        except ValueError:
+            raise VerificationUnavailable(
+                "get-session answered something other than JSON"
+            ) from None
+        user = answer.get("user") if isinstance(answer, dict) else None
+        if not isinstance(user, dict):
+            return None
+        return _valid_user_id(user.get("id"))
+
+    def _remember(self, digest: bytes, user_id: str | None) -> None:
+        lifetime = self._ttl if user_id is not None else self._negative_ttl
+        self._answers[digest] = (user_id, time.monotonic() + lifetime)
+        self._answers.move_to_end(digest)
+        while len(self._answers) > self._max_entries:
+            self._answers.popitem(last=False)
+
+
+def _is_token_text(token: str) -> bool:
+    # What an HTTP header can carry; anything else is not a session token.
+    return token.isascii() and token.isprintable() and " " not in token
