@@ -3,6 +3,7 @@
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
 from fastapi import FastAPI, Request, status
@@ -63,8 +64,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     # For Better Auth's JWKS and session endpoints; no redirects: the URLs are configured ones.
+    # No cookie jar: a session cookie Better Auth sets on one user's lookup must never ride along
+    # on the next user's (it would also let a signed-out session live on in its cookie cache).
     app.state.auth_http = httpx.AsyncClient(
-        follow_redirects=False, limits=httpx.Limits(max_connections=20)
+        follow_redirects=False,
+        limits=httpx.Limits(max_connections=20),
+        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
     )
     app.state.token_verifier = build_token_verifier(settings, app.state.auth_http)
     # Trailing slashes are answered by TrailingSlashMiddleware, never redirected.

@@ -1,9 +1,13 @@
-"""Shared test helpers: real HS256 tokens and settings that ignore the developer's own .env."""
+"""Shared test helpers: real HS256 tokens, settings that ignore the developer's own .env, and
+an app of its own for tests that need settings of their own."""
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import jwt
+from httpx import ASGITransport, AsyncClient
 
 from config import Settings
 
@@ -48,3 +52,15 @@ def make_settings(**overrides: Any) -> Settings:
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)
+
+
+@asynccontextmanager
+async def running_app(**overrides: Any) -> AsyncIterator[AsyncClient]:
+    """A started app (lifespan run: engine, migrations) with these settings, and a client for it."""
+    from main import create_app
+
+    app = create_app(make_settings(**overrides))
+    async with app.router.lifespan_context(app):
+        transport = ASGITransport(app=app)
+        async with AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client
