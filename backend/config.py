@@ -58,7 +58,28 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None, validation_alias=AliasChoices("NEON_DATABASE_URL", "DATABASE_URL")
     )
+    # Migrations through a direct (non-pooled) connection when given: Neon's DATABASE_URL_UNPOOLED.
+    direct_database_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "NEON_DIRECT_DATABASE_URL", "DIRECT_DATABASE_URL", "DATABASE_URL_UNPOOLED"
+        ),
+    )
     sqlite_path: Path = BACKEND_DIR / "todo.db"
+    database_pool_size: int = Field(default=5, ge=1, le=100)
+    database_max_overflow: int = Field(default=5, ge=0, le=100)
+    database_pool_timeout_seconds: float = Field(default=5, gt=0, le=60)
+    # Covers a Neon compute waking from suspend.
+    database_connect_timeout_seconds: int = Field(default=10, ge=1, le=60)
+    # Per transaction (SET LOCAL); 0 turns it off.
+    database_statement_timeout_ms: int = Field(default=5000, ge=0)
+    # Whole-request bound: past it the answer is 503, never a hang.
+    request_timeout_seconds: float = Field(default=11, gt=0, le=300)
+
+    idempotency_key_ttl_seconds: int = Field(default=24 * 3600, ge=60)
+    # Per user, per second; 0 turns the limit off. Shared through Redis when REDIS_URL is set.
+    rate_limit_per_second: int = Field(default=200, ge=0)
+    redis_url: str | None = None
 
     cors_origins: Annotated[list[str], NoDecode] = [
         "http://localhost:3000",
@@ -77,6 +98,8 @@ class Settings(BaseSettings):
 
     @field_validator(
         "database_url",
+        "direct_database_url",
+        "redis_url",
         "jwt_issuer",
         "jwt_audience",
         "better_auth_jwks_url",

@@ -40,6 +40,13 @@ def database_url(settings: Settings) -> URL:
     return normalize_database_url(settings.database_url)
 
 
+def migration_url(settings: Settings) -> URL:
+    """Migrations take the direct (non-pooled) URL when one is configured."""
+    if settings.direct_database_url is not None:
+        return normalize_database_url(settings.direct_database_url)
+    return database_url(settings)
+
+
 def normalize_database_url(raw: str) -> URL:
     """Accept URLs as Neon, Heroku-style hosts and SQLAlchemy users write them.
 
@@ -63,25 +70,34 @@ def normalize_database_url(raw: str) -> URL:
     )
 
 
-def create_engine(settings: Settings) -> AsyncEngine:
-    url = database_url(settings)
+def create_engine(settings: Settings, url: URL | None = None) -> AsyncEngine:
+    url = url or database_url(settings)
     if url.get_backend_name() == "sqlite":
         return _create_sqlite_engine(url)
-    return create_async_engine(
+    engine = create_async_engine(
         url,
         pool_pre_ping=True,
         # Neon suspends idle computes after five minutes and its pooler drops idle clients.
         pool_recycle=240,
-        pool_size=5,
-        max_overflow=5,
-        pool_timeout=10,
+        pool_size=settings.database_pool_size,
+        max_overflow=settings.database_max_overflow,
+        pool_timeout=settings.database_pool_timeout_seconds,
         connect_args={
             # Server-side prepared statements do not survive a transaction-mode pooler.
             "prepare_threshold": None,
-            # A Neon compute waking from suspend takes a few seconds.
-            "connect_timeout": 10,
+            "connect_timeout": settings.database_connect_timeout_seconds,
         },
     )
+    if settings.database_statement_timeout_ms:
+        timeout = f"SET LOCAL statement_timeout = {int(settings.database_statement_timeout_ms)}"
+
+        # Per transaction: a pooler in transaction mode rejects session settings at start-up
+        # and would carry a plain SET over to another client.
+        @event.listens_for(engine.sync_engine, "begin")
+        def limit_statement_time(connection: Connection) -> None:
+            connection.exec_driver_sql(timeout)
+
+    return engine
 
 
 def _create_sqlite_engine(url: URL) -> AsyncEngine:
@@ -116,7 +132,7 @@ def alembic_config() -> AlembicConfig:
 
 
 async def upgrade_schema(engine: AsyncEngine) -> None:
-    """Apply the Alembic migrations up to head on this engine (what start-up does)."""
+    """Apply the Alembic migrations up to head through this engine."""
 
     def upgrade(connection: Connection) -> None:
         config = alembic_config()

@@ -5,10 +5,11 @@ no route repeats an ownership check.
 """
 
 import logging
+import math
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, Path, Request, Security
+from fastapi import Depends, Header, Path, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import select
@@ -20,9 +21,11 @@ from errors import (
     InvalidCredentials,
     NotAuthenticated,
     TaskNotFound,
+    TooManyRequests,
     WrongUser,
 )
-from models import TASK_ID_MAX, TASK_ID_MIN, Task
+from models import IDEMPOTENCY_KEY_MAX_LENGTH, TASK_ID_MAX, TASK_ID_MIN, Task
+from ratelimit import RateLimiter
 
 logger = logging.getLogger("todo.auth")
 
@@ -101,6 +104,55 @@ async def get_owner_id(
 
 OwnerId = Annotated[str, Depends(get_owner_id)]
 TaskId = Annotated[int, Path(ge=TASK_ID_MIN, le=TASK_ID_MAX, description="The task's id.")]
+
+
+async def enforce_rate_limit(request: Request, user_id: CurrentUserId) -> None:
+    """429 with Retry-After once a user passes the per-second limit (RATE_LIMIT_PER_SECOND)."""
+    limiter: RateLimiter = request.app.state.rate_limiter
+    wait = await limiter.retry_after(user_id)
+    if wait is not None:
+        raise TooManyRequests(headers={"Retry-After": str(max(1, math.ceil(wait)))})
+
+
+def etag_for(task: Task) -> str:
+    return f'"{task.id}.{task.version}"'
+
+
+def expected_etags(
+    if_match: Annotated[
+        str | None,
+        Header(description="Change only if the task still has one of these ETags; else 412."),
+    ] = None,
+) -> frozenset[str] | None:
+    """The ETags `If-Match` allows, or None when any version will do (absent or `*`)."""
+    if if_match is None or if_match.strip() == "*":
+        return None
+    return frozenset(tag.strip().removeprefix("W/") for tag in if_match.split(","))
+
+
+def versions_allowed(etags: frozenset[str] | None, task_id: int) -> frozenset[int] | None:
+    """The task versions those ETags name (empty: none can match, a 412 if the task exists)."""
+    if etags is None:
+        return None
+    versions = set()
+    for etag in etags:
+        task_part, _, version = etag.strip('"').partition(".")
+        if task_part == str(task_id) and version.isascii() and version.isdigit():
+            versions.add(int(version))
+    return frozenset(versions)
+
+
+ExpectedETags = Annotated[frozenset[str] | None, Depends(expected_etags)]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=IDEMPOTENCY_KEY_MAX_LENGTH,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Retries with the same key and body return the first response, creating once.",
+    ),
+]
 
 
 async def get_owned_task(task_id: TaskId, owner_id: OwnerId, session: SessionDep) -> Task:

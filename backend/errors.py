@@ -8,23 +8,24 @@ from fastapi import status
 class APIError(Exception):
     status_code = status.HTTP_500_INTERNAL_SERVER_ERROR
     detail = "The server could not complete the request."
-    headers: ClassVar[dict[str, str] | None] = None
+    default_headers: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, detail: str | None = None) -> None:
+    def __init__(self, detail: str | None = None, headers: dict[str, str] | None = None) -> None:
         if detail is not None:
             self.detail = detail
+        self.headers = {**self.default_headers, **(headers or {})}
         super().__init__(self.detail)
 
 
 class NotAuthenticated(APIError):
     status_code = status.HTTP_401_UNAUTHORIZED
     detail = "Not authenticated: send a valid token as 'Authorization: Bearer <token>'."
-    headers: ClassVar[dict[str, str] | None] = {"WWW-Authenticate": "Bearer"}
+    default_headers: ClassVar[dict[str, str]] = {"WWW-Authenticate": "Bearer"}
 
 
 class InvalidCredentials(NotAuthenticated):
     detail = "The bearer token is invalid or expired."
-    headers: ClassVar[dict[str, str] | None] = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+    default_headers: ClassVar[dict[str, str]] = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
 
 
 class WrongUser(APIError):
@@ -38,15 +39,36 @@ class TaskNotFound(APIError):
     detail = "Task not found."
 
 
+class IdempotencyKeyInProgress(APIError):
+    status_code = status.HTTP_409_CONFLICT
+    detail = "A request with this Idempotency-Key is still being processed; retry shortly."
+    default_headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
+
+
+class PreconditionFailed(APIError):
+    status_code = status.HTTP_412_PRECONDITION_FAILED
+    detail = "The task has changed since it was read (If-Match does not match its ETag)."
+
+
+class IdempotencyKeyReused(APIError):
+    status_code = status.HTTP_422_UNPROCESSABLE_CONTENT
+    detail = "This Idempotency-Key was already used with a different request body."
+
+
+class TooManyRequests(APIError):
+    status_code = status.HTTP_429_TOO_MANY_REQUESTS
+    detail = "Too many requests for this user; slow down."
+
+
 class AuthUnavailable(APIError):
     status_code = status.HTTP_503_SERVICE_UNAVAILABLE
     detail = (
         "The token cannot be checked right now (Better Auth is unreachable); try again shortly."
     )
-    headers: ClassVar[dict[str, str] | None] = {"Retry-After": "5"}
+    default_headers: ClassVar[dict[str, str]] = {"Retry-After": "5"}
 
 
 class DatabaseUnavailable(APIError):
     status_code = status.HTTP_503_SERVICE_UNAVAILABLE
     detail = "The database is unavailable right now; try again shortly."
-    headers: ClassVar[dict[str, str] | None] = {"Retry-After": "2"}
+    default_headers: ClassVar[dict[str, str]] = {"Retry-After": "2"}

@@ -1,5 +1,7 @@
 """The application: settings, lifespan, middleware, routers and the error mapping, assembled."""
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,11 +16,21 @@ from sqlalchemy import exc as sa_exc
 
 from auth.jwt import JWKSCache, SessionLookup, TokenVerifier
 from config import Settings, get_settings
-from db import create_engine, create_sessionmaker, upgrade_schema
+from db import create_engine, create_sessionmaker
 from dependencies import check_access
 from errors import APIError, DatabaseUnavailable
-from middleware import BodySizeLimitMiddleware, TrailingSlashMiddleware, UnhandledErrorMiddleware
+from idempotency import purge_expired
+from logs import configure_logging
+from middleware import (
+    BodySizeLimitMiddleware,
+    DeadlineMiddleware,
+    RequestLogMiddleware,
+    TrailingSlashMiddleware,
+    UnhandledErrorMiddleware,
+)
+from ratelimit import create_rate_limiter
 from routes import health, tasks
+from startup import bring_schema_up
 
 logger = logging.getLogger("todo")
 
@@ -30,7 +42,8 @@ CORS_HEADERS = [
     "If-None-Match",
     "X-Request-ID",
 ]
-EXPOSED_HEADERS = ["X-Total-Count", "ETag", "Retry-After", "X-Request-ID"]
+EXPOSED_HEADERS = ["X-Total-Count", "ETag", "Retry-After", "X-Request-ID", "Idempotent-Replayed"]
+PURGE_INTERVAL_SECONDS = 3600
 
 
 @asynccontextmanager
@@ -44,18 +57,42 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine = create_engine(settings)
     app.state.engine = engine
     app.state.sessionmaker = create_sessionmaker(engine)
+    app.state.rate_limiter = create_rate_limiter(settings.rate_limit_per_second, settings.redis_url)
+    background = [asyncio.create_task(_purge_idempotency_keys(app))]
+    migrating = await bring_schema_up(settings, app)
+    if migrating is not None:
+        background.append(migrating)
     try:
-        if settings.migrate_on_startup:
-            await upgrade_schema(engine)
         yield
     finally:
+        # uvicorn has let in-flight requests finish before this runs (graceful shutdown).
+        for task in background:
+            task.cancel()
+        for task in background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await engine.dispose()
         await app.state.auth_http.aclose()
+        await app.state.rate_limiter.close()
+
+
+async def _purge_idempotency_keys(app: FastAPI) -> None:
+    settings: Settings = app.state.settings
+    while True:
+        await asyncio.sleep(PURGE_INTERVAL_SECONDS)
+        try:
+            purged = await purge_expired(
+                app.state.sessionmaker, settings.idempotency_key_ttl_seconds
+            )
+        except Exception as error:
+            logger.warning("expired idempotency keys not purged (%s)", type(error).__name__)
+        else:
+            logger.info("purged %d expired idempotency keys", purged)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    _configure_logging(settings)
+    configure_logging(settings)
     app = FastAPI(
         title="Todo API",
         version="1.0.0",
@@ -81,9 +118,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, handle_validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(sa_exc.SQLAlchemyError, handle_database_error)  # type: ignore[arg-type]
 
-    # Added innermost first: CORS ends up outermost, so even errors carry its headers.
+    # Added innermost first. CORS wraps everything but the request log, so even errors and
+    # deadline 503s carry its headers; the log sees every response, preflights included.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     app.add_middleware(TrailingSlashMiddleware)
+    app.add_middleware(DeadlineMiddleware, seconds=settings.request_timeout_seconds)
     app.add_middleware(UnhandledErrorMiddleware)
     app.add_middleware(
         CORSMiddleware,
@@ -94,6 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         expose_headers=EXPOSED_HEADERS,
         max_age=600,
     )
+    app.add_middleware(RequestLogMiddleware)
     return app
 
 
@@ -166,16 +206,6 @@ async def handle_database_error(request: Request, error: sa_exc.SQLAlchemyError)
         )
     # Unreachable, timed out, out of connections, or a connection dropped mid-request.
     return error_response(DatabaseUnavailable())
-
-
-def _configure_logging(settings: Settings) -> None:
-    app_logger = logging.getLogger("todo")
-    app_logger.setLevel(settings.log_level.upper())
-    if not app_logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        app_logger.addHandler(handler)
-        app_logger.propagate = False
 
 
 app = create_app()

@@ -1,6 +1,9 @@
 """Pure ASGI middleware: cheap on every request, unlike `BaseHTTPMiddleware`."""
 
+import asyncio
 import logging
+import time
+import uuid
 
 import orjson
 from fastapi import status
@@ -8,6 +11,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("todo.errors")
+request_logger = logging.getLogger("todo.request")
 
 
 class RequestBodyTooLarge(HTTPException):
@@ -34,7 +38,7 @@ class TrailingSlashMiddleware:
         if scope["type"] == "http":
             path: str = scope["path"]
             if len(path) > 1 and path.endswith("/"):
-                scope = dict(scope)
+                # In place: outer middleware reads what routing adds to this scope (the route).
                 scope["path"] = path.rstrip("/") or "/"
                 raw_path = scope.get("raw_path")
                 if raw_path:
@@ -70,6 +74,95 @@ class BodySizeLimitMiddleware:
             return message
 
         await self.app(scope, receive_within_limit, send)
+
+
+class RequestLogMiddleware:
+    """One log line per request, a request id, and the headers every response carries.
+
+    The line has the method, the route template (never the raw path or query: no user data), the
+    status, the duration and the request id (`X-Request-ID` from the caller when it is sane, else a
+    new one), which is echoed back. Responses get `X-Content-Type-Options: nosniff`; API responses,
+    which are per-user, also `Cache-Control: no-store`.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _caller_request_id(scope) or uuid.uuid4().hex
+        private = scope["path"].startswith("/api/")
+        started = time.perf_counter()
+        status_code = 500
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status_code
+            if message["type"] == "http.response.start":
+                status_code = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode()))
+                headers.append((b"x-content-type-options", b"nosniff"))
+                if private:
+                    headers.append((b"cache-control", b"no-store"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            request_logger.info(
+                "%s %s %s %.1fms",
+                scope["method"],
+                _route_template(scope),
+                status_code,
+                (time.perf_counter() - started) * 1000,
+                extra={
+                    "method": scope["method"],
+                    "route": _route_template(scope),
+                    "status": status_code,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                    "request_id": request_id,
+                },
+            )
+
+
+class DeadlineMiddleware:
+    """Answer 503 rather than hang when a request outlives its deadline (a database that accepts
+    connections and never answers, a pool that stays exhausted)."""
+
+    def __init__(self, app: ASGIApp, seconds: float) -> None:
+        self.app = app
+        self.seconds = seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == "/health":
+            await self.app(scope, receive, send)
+            return
+        response_started = False
+
+        async def send_tracking_start(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            async with asyncio.timeout(self.seconds):
+                await self.app(scope, receive, send_tracking_start)
+        except TimeoutError:
+            logger.warning(
+                "request deadline passed during %s %s", scope["method"], _route_template(scope)
+            )
+            if response_started:
+                raise
+            await _send_json(
+                send,
+                503,
+                b'{"detail":"The server could not answer in time; try again shortly."}',
+                extra_headers=[(b"retry-after", b"2")],
+            )
 
 
 class UnhandledErrorMiddleware:
@@ -120,6 +213,16 @@ def _raised_at(error: BaseException) -> str:
         traceback = traceback.tb_next
     code = traceback.tb_frame.f_code
     return f"{code.co_filename.rsplit('/', 1)[-1]}:{traceback.tb_lineno} in {code.co_name}"
+
+
+def _caller_request_id(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            # Only what cannot forge log lines or bloat them.
+            if 0 < len(value) <= 128 and all(0x21 <= byte <= 0x7E for byte in value):
+                return str(value.decode("ascii"))
+            return None
+    return None
 
 
 def _route_template(scope: Scope) -> str:

@@ -4,7 +4,19 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, StrictBool, StringConstraints, field_validator
-from sqlalchemy import BigInteger, Boolean, Column, DateTime, Index, Integer, String, false
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    PrimaryKeyConstraint,
+    SmallInteger,
+    String,
+    Text,
+    false,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
@@ -12,6 +24,7 @@ from sqlmodel import Field, SQLModel
 TITLE_MAX_LENGTH = 200
 DESCRIPTION_MAX_LENGTH = 1000
 USER_ID_MAX_LENGTH = 255
+IDEMPOTENCY_KEY_MAX_LENGTH = 255
 # The id column is a signed 64-bit integer on PostgreSQL and SQLite alike.
 TASK_ID_MIN = -(2**63)
 TASK_ID_MAX = 2**63 - 1
@@ -50,7 +63,11 @@ class Task(SQLModel, table=True):
     __tablename__ = "tasks"
     # The list query is `WHERE user_id = ? ORDER BY created_at DESC, id DESC`: this index serves it
     # (scanned backwards) and every lookup by owner.
-    __table_args__ = (Index("ix_tasks_user_id_created_at_id", "user_id", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_tasks_user_id_created_at_id", "user_id", "created_at", "id"),
+        # Never reuse a deleted task's id: a stale browser tab must not edit its successor.
+        {"sqlite_autoincrement": True},
+    )
 
     id: int | None = Field(
         default=None,
@@ -72,6 +89,22 @@ class Task(SQLModel, table=True):
     updated_at: datetime = Field(
         default_factory=utc_now, sa_column=Column(UTCDateTime, nullable=False)
     )
+    # Bumped by every write; the ETag. Not part of the API's task JSON.
+    version: int = Field(default=1, sa_column=Column(Integer, nullable=False, server_default="1"))
+
+
+class IdempotencyRecord(SQLModel, table=True):
+    """The response to a create sent with an `Idempotency-Key`, replayed to its retries."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (PrimaryKeyConstraint("user_id", "key"),)
+
+    user_id: str = Field(sa_column=Column(String(USER_ID_MAX_LENGTH), nullable=False))
+    key: str = Field(sa_column=Column(String(IDEMPOTENCY_KEY_MAX_LENGTH), nullable=False))
+    request_hash: str = Field(sa_column=Column(String(64), nullable=False))
+    status_code: int = Field(sa_column=Column(SmallInteger, nullable=False))
+    response_body: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False, index=True))
 
 
 def storable_text(value: str) -> str:

@@ -11,7 +11,7 @@ from sqlmodel import SQLModel
 
 import models  # noqa: F401  (registers the tables on SQLModel.metadata)
 from config import get_settings
-from db import MIGRATION_LOCK_KEY, database_url
+from db import MIGRATION_LOCK_KEY, migration_url
 
 config = context.config
 target_metadata = SQLModel.metadata
@@ -36,7 +36,7 @@ def run_migrations(connection: Connection) -> None:
 
 async def run_migrations_from_settings() -> None:
     engine = create_async_engine(
-        database_url(get_settings()), poolclass=pool.NullPool, connect_args=_connect_args()
+        migration_url(get_settings()), poolclass=pool.NullPool, connect_args=_connect_args()
     )
     try:
         async with engine.connect() as connection:
@@ -46,14 +46,14 @@ async def run_migrations_from_settings() -> None:
 
 
 def _connect_args() -> dict[str, object]:
-    if database_url(get_settings()).get_backend_name() == "postgresql":
+    if migration_url(get_settings()).get_backend_name() == "postgresql":
         return {"prepare_threshold": None, "connect_timeout": 10}
     return {}
 
 
 if context.is_offline_mode():
     context.configure(
-        url=database_url(get_settings()), target_metadata=target_metadata, literal_binds=True
+        url=migration_url(get_settings()), target_metadata=target_metadata, literal_binds=True
     )
     with context.begin_transaction():
         context.run_migrations()

@@ -27,7 +27,10 @@ async def health() -> dict[str, str]:
 )
 @router.get("/ready", include_in_schema=False)
 async def ready(request: Request) -> dict[str, str]:
-    """Readiness: one round trip to the database. 503 while it cannot be reached."""
+    """Readiness: one round trip to the database. 503 while it cannot be reached, or while the
+    schema is still waiting to be migrated."""
+    if not request.app.state.schema_ready:
+        raise DatabaseUnavailable("The database schema is not ready yet; try again shortly.")
     try:
         async with asyncio.timeout(READINESS_TIMEOUT_SECONDS):
             async with request.app.state.engine.connect() as connection:

@@ -6,15 +6,27 @@ against the token, so each write is one round trip and no route repeats an owner
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
-from fastapi import APIRouter, Body, Depends, Query, Response, status
+from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response, status
 from sqlalchemy import ColumnElement, delete, func, not_, or_, update
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped
 from sqlmodel import col, select
 
-from dependencies import OwnedTask, OwnerId, SessionDep, TaskId
-from errors import TaskNotFound
+from dependencies import (
+    ExpectedETags,
+    IdempotencyKey,
+    OwnedTask,
+    OwnerId,
+    SessionDep,
+    TaskId,
+    enforce_rate_limit,
+    etag_for,
+    versions_allowed,
+)
+from errors import PreconditionFailed, TaskNotFound
+from idempotency import StoredResponse, request_fingerprint, reserve_or_replay, store_response
 from json_body import JSONBodyRoute
 from models import (
     CompletionChange,
@@ -26,22 +38,33 @@ from models import (
     utc_now,
 )
 
-AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status.HTTP_401_UNAUTHORIZED: {"model": ErrorMessage, "description": "No valid bearer token."},
-    status.HTTP_403_FORBIDDEN: {
-        "model": ErrorMessage,
-        "description": "The path names another user.",
-    },
+
+def _error(description: str) -> dict[str, Any]:
+    return {"model": ErrorMessage, "description": description}
+
+
+COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status.HTTP_401_UNAUTHORIZED: _error("No valid bearer token."),
+    status.HTTP_403_FORBIDDEN: _error("The path names another user."),
+    status.HTTP_429_TOO_MANY_REQUESTS: _error("Over the per-user rate limit; see Retry-After."),
+    status.HTTP_503_SERVICE_UNAVAILABLE: _error("Database or Better Auth unreachable; retry."),
 }
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
-    status.HTTP_404_NOT_FOUND: {"model": ErrorMessage, "description": "No such task for this user."}
+    status.HTTP_404_NOT_FOUND: _error("No such task for this user.")
 }
+WRITE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **NOT_FOUND,
+    status.HTTP_412_PRECONDITION_FAILED: _error("If-Match no longer matches the task's ETag."),
+    status.HTTP_413_CONTENT_TOO_LARGE: _error("The body is over the size limit."),
+}
+JSON_MEDIA_TYPE = "application/json"
 
 router = APIRouter(
     prefix="/api/{user_id}/tasks",
     tags=["tasks"],
     route_class=JSONBodyRoute,
-    responses=AUTH_RESPONSES,
+    responses=COMMON_RESPONSES,
+    dependencies=[Depends(enforce_rate_limit)],
 )
 
 
@@ -203,55 +226,152 @@ async def list_tasks(
     return tasks
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=TaskPublic)
-async def create_task(new_task: TaskCreate, owner_id: OwnerId, session: SessionDep) -> Task:
-    """Create a task for the user. The owner comes from the token, never from the body."""
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=TaskPublic,
+    responses={
+        status.HTTP_409_CONFLICT: _error("A request with this Idempotency-Key is in progress."),
+        status.HTTP_413_CONTENT_TOO_LARGE: _error("The body is over the size limit."),
+    },
+)
+async def create_task(
+    new_task: TaskCreate,
+    owner_id: OwnerId,
+    session: SessionDep,
+    request: Request,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
+) -> Task | Response:
+    """Create a task for the user. The owner comes from the token, never from the body.
+
+    With an `Idempotency-Key` header, retries with the same key and body return the first 201
+    and create nothing more; the same key with another body is a 422.
+    """
     now = utc_now()
     task = Task.model_validate(
         new_task, update={"user_id": owner_id, "created_at": now, "updated_at": now}
     )
+    if idempotency_key is None:
+        session.add(task)
+        await session.commit()
+        response.headers["ETag"] = etag_for(task)
+        return task
+    fingerprint = request_fingerprint(new_task.model_dump(mode="json"))
+    ttl = request.app.state.settings.idempotency_key_ttl_seconds
+    stored = await reserve_or_replay(session, owner_id, idempotency_key, fingerprint, ttl)
+    if stored is not None:
+        return Response(
+            stored.body,
+            status_code=stored.status_code,
+            media_type=JSON_MEDIA_TYPE,
+            headers={"Idempotent-Replayed": "true"},
+        )
     session.add(task)
+    await session.flush()
+    body = TaskPublic.model_validate(task).model_dump_json().encode()
+    await store_response(session, owner_id, idempotency_key, StoredResponse(201, body))
     await session.commit()
-    return task
+    return Response(
+        body,
+        status_code=status.HTTP_201_CREATED,
+        media_type=JSON_MEDIA_TYPE,
+        headers={"ETag": etag_for(task)},
+    )
 
 
 # OwnedTask reads `task_id` from the path.
-@router.get("/{task_id}", response_model=TaskPublic, responses=NOT_FOUND)  # noqa: FAST003
-async def read_task(task: OwnedTask) -> Task:
-    """Get one of the user's tasks."""
+@router.get(
+    "/{task_id}",  # noqa: FAST003
+    response_model=TaskPublic,
+    responses={**NOT_FOUND, status.HTTP_304_NOT_MODIFIED: {"description": "Not modified."}},
+)
+async def read_task(
+    task: OwnedTask,
+    response: Response,
+    if_none_match: Annotated[
+        str | None, Header(description="304 when the task still has one of these ETags.")
+    ] = None,
+) -> Task | Response:
+    """Get one of the user's tasks, with its ETag."""
+    etag = etag_for(task)
+    if if_none_match is not None and _matches(etag, if_none_match):
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
+    response.headers["ETag"] = etag
     return task
 
 
-async def _update_owned(
-    session: SessionDep, task_id: int, owner_id: str, values: dict[str, Any]
+def _matches(etag: str, header: str) -> bool:
+    """Weak comparison (RFC 9110 §13.1.2), as If-None-Match uses."""
+    if header.strip() == "*":
+        return True
+    return any(tag.strip().removeprefix("W/") == etag for tag in header.split(","))
+
+
+async def _change_owned(
+    session: AsyncSession,
+    response: Response,
+    task_id: int,
+    owner_id: str,
+    etags: frozenset[str] | None,
+    values: dict[str, Any],
 ) -> Task:
+    """One UPDATE … RETURNING: ownership, If-Match and the change in a single statement."""
+    versions = versions_allowed(etags, task_id)
+    conditions = [col(Task.id) == task_id, col(Task.user_id) == owner_id]
+    if versions is not None:
+        conditions.append(col(Task.version).in_(versions))
     statement = (
         update(Task)
-        .where(col(Task.id) == task_id, col(Task.user_id) == owner_id)
-        .values(**values, updated_at=utc_now())
+        .where(*conditions)
+        .values(**values, updated_at=utc_now(), version=col(Task.version) + 1)
         .returning(Task)
     )
     task = await session.scalar(statement)
     if task is None:
-        raise TaskNotFound()
+        await _raise_missing_or_changed(session, task_id, owner_id, versions)
     await session.commit()
+    response.headers["ETag"] = etag_for(task)
     return task
 
 
-@router.put("/{task_id}", response_model=TaskPublic, responses=NOT_FOUND)
-@router.patch("/{task_id}", response_model=TaskPublic, responses=NOT_FOUND)
+async def _raise_missing_or_changed(
+    session: AsyncSession, task_id: int, owner_id: str, versions: frozenset[int] | None
+) -> NoReturn:
+    if versions is not None:
+        exists = await session.scalar(
+            select(col(Task.id)).where(col(Task.id) == task_id, col(Task.user_id) == owner_id)
+        )
+        if exists is not None:
+            raise PreconditionFailed()
+    raise TaskNotFound()
+
+
+@router.put("/{task_id}", response_model=TaskPublic, responses=WRITE_RESPONSES)
+@router.patch("/{task_id}", response_model=TaskPublic, responses=WRITE_RESPONSES)
 async def update_task(
-    changes: TaskUpdate, task_id: TaskId, owner_id: OwnerId, session: SessionDep
+    changes: TaskUpdate,
+    task_id: TaskId,
+    owner_id: OwnerId,
+    etags: ExpectedETags,
+    session: SessionDep,
+    response: Response,
 ) -> Task:
-    """Change the fields present in the body; others keep their values (PUT and PATCH alike)."""
-    return await _update_owned(session, task_id, owner_id, changes.model_dump(exclude_unset=True))
+    """Change the fields present in the body; others keep their values (PUT and PATCH alike).
+
+    Without `If-Match` the last write wins; with it, a task changed meanwhile gives 412.
+    """
+    values = changes.model_dump(exclude_unset=True)
+    return await _change_owned(session, response, task_id, owner_id, etags, values)
 
 
-@router.patch("/{task_id}/complete", response_model=TaskPublic, responses=NOT_FOUND)
+@router.patch("/{task_id}/complete", response_model=TaskPublic, responses=WRITE_RESPONSES)
 async def toggle_completion(
     task_id: TaskId,
     owner_id: OwnerId,
+    etags: ExpectedETags,
     session: SessionDep,
+    response: Response,
     change: Annotated[CompletionChange | None, Body()] = None,
 ) -> Task:
     """Toggle completion (no body or `{}`), or set it with `{"completed": true|false}`."""
@@ -260,22 +380,26 @@ async def toggle_completion(
         completed: Any = not_(col(Task.completed))
     else:
         completed = change.completed
-    return await _update_owned(session, task_id, owner_id, {"completed": completed})
+    return await _change_owned(
+        session, response, task_id, owner_id, etags, {"completed": completed}
+    )
 
 
 @router.delete(
     "/{task_id}",
     status_code=status.HTTP_204_NO_CONTENT,
     response_class=Response,
-    responses=NOT_FOUND,
+    responses=WRITE_RESPONSES,
 )
-async def delete_task(task_id: TaskId, owner_id: OwnerId, session: SessionDep) -> None:
+async def delete_task(
+    task_id: TaskId, owner_id: OwnerId, etags: ExpectedETags, session: SessionDep
+) -> None:
     """Delete one of the user's tasks."""
-    statement = (
-        delete(Task)
-        .where(col(Task.id) == task_id, col(Task.user_id) == owner_id)
-        .returning(col(Task.id))
-    )
-    if await session.scalar(statement) is None:
-        raise TaskNotFound()
+    versions = versions_allowed(etags, task_id)
+    conditions = [col(Task.id) == task_id, col(Task.user_id) == owner_id]
+    if versions is not None:
+        conditions.append(col(Task.version).in_(versions))
+    deleted = await session.scalar(delete(Task).where(*conditions).returning(col(Task.id)))
+    if deleted is None:
+        await _raise_missing_or_changed(session, task_id, owner_id, versions)
     await session.commit()

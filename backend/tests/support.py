@@ -49,6 +49,10 @@ def make_settings(**overrides: Any) -> Settings:
         "jwt_audience": None,
         "cors_origins": ["http://localhost:3000"],
         "log_level": "WARNING",
+        # The suite sends hundreds of requests a second as one user; rate tests turn it on.
+        "rate_limit_per_second": 0,
+        "redis_url": None,
+        "direct_database_url": None,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)

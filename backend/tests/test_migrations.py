@@ -21,6 +21,8 @@ from db import MIGRATION_LOCK_KEY, alembic_config, create_engine, upgrade_schema
 from tests.conftest import DEFAULT_ADMIN_URL
 from tests.support import make_settings
 
+SCHEMA_TABLES = {"tasks", "idempotency_keys", "alembic_version"}
+
 
 @pytest.fixture
 async def empty_database_url(
@@ -42,7 +44,7 @@ async def empty_database_url(
 async def table_names(engine: AsyncEngine) -> set[str]:
     async with engine.connect() as connection:
         names: list[str] = await connection.run_sync(lambda sync: inspect(sync).get_table_names())
-    return set(names)
+    return set(names) - {"sqlite_sequence"}  # SQLite's own bookkeeping for AUTOINCREMENT
 
 
 async def downgrade_to_base(engine: AsyncEngine) -> None:
@@ -60,12 +62,12 @@ async def test_upgrade_from_empty_then_down_and_up_again(empty_database_url: str
     try:
         assert await table_names(engine) == set()
         await upgrade_schema(engine)
-        assert await table_names(engine) == {"tasks", "alembic_version"}
+        assert await table_names(engine) == SCHEMA_TABLES
         await upgrade_schema(engine)  # at head already: nothing to do, no error
         await downgrade_to_base(engine)
         assert await table_names(engine) == {"alembic_version"}
         await upgrade_schema(engine)
-        assert "tasks" in await table_names(engine)
+        assert await table_names(engine) == SCHEMA_TABLES
     finally:
         await engine.dispose()
 
@@ -132,6 +134,6 @@ async def test_an_upgrade_waits_for_one_already_running(
             )
         outputs = await asyncio.gather(*(process.communicate() for process in upgrades))
         assert [process.returncode for process in upgrades] == [0] * 3, outputs
-        assert await table_names(engine) == {"tasks", "alembic_version"}
+        assert await table_names(engine) == SCHEMA_TABLES
     finally:
         await engine.dispose()

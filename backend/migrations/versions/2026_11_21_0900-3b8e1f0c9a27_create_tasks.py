@@ -31,6 +31,8 @@ def upgrade() -> None:
         sa.Column("completed", sa.Boolean(), server_default=sa.false(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("version", sa.Integer(), server_default="1", nullable=False),
+        sqlite_autoincrement=True,
     )
     op.create_index("ix_tasks_user_id_created_at_id", "tasks", ["user_id", "created_at", "id"])
 
