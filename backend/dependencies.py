@@ -124,10 +124,13 @@ def expected_etags(
         Header(description="Change only if the task still has one of these ETags; else 412."),
     ] = None,
 ) -> frozenset[str] | None:
-    """The ETags `If-Match` allows, or None when any version will do (absent or `*`)."""
+    """The ETags `If-Match` allows, or None when any version will do (absent or `*`).
+
+    If-Match compares strongly (RFC 9110 §13.1.1): a weak `W/"…"` tag never matches.
+    """
     if if_match is None or if_match.strip() == "*":
         return None
-    return frozenset(tag.strip().removeprefix("W/") for tag in if_match.split(","))
+    return frozenset(tag.strip() for tag in if_match.split(","))
 
 
 def versions_allowed(etags: frozenset[str] | None, task_id: int) -> frozenset[int] | None:
@@ -136,7 +139,9 @@ def versions_allowed(etags: frozenset[str] | None, task_id: int) -> frozenset[in
         return None
     versions = set()
     for etag in etags:
-        task_part, _, version = etag.strip('"').partition(".")
+        if not (len(etag) > 2 and etag[0] == etag[-1] == '"'):
+            continue
+        task_part, _, version = etag[1:-1].partition(".")
         if task_part == str(task_id) and version.isascii() and version.isdigit():
             versions.add(int(version))
     return frozenset(versions)
