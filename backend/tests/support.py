@@ -1,6 +1,7 @@
 """Shared test helpers: real HS256 tokens, settings that ignore the developer's own .env, and
 an app of its own for tests that need settings of their own."""
 
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -68,3 +69,11 @@ async def running_app(**overrides: Any) -> AsyncIterator[AsyncClient]:
         transport = ASGITransport(app=app)
         async with AsyncClient(transport=transport, base_url="http://test") as client:
             yield client
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port

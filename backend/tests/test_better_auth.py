@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -22,7 +21,7 @@ import pytest
 from httpx import AsyncClient
 
 from config import BACKEND_DIR
-from tests.support import TEST_SECRET, running_app
+from tests.support import TEST_SECRET, free_port, running_app
 
 SERVER_DIR = BACKEND_DIR / "tests" / "better_auth"
 BETTER_AUTH_VERSION = "1.7.7"
@@ -51,13 +50,6 @@ def install_better_auth() -> None:
         check=False,
     )
     assert result.returncode == 0, f"npm ci failed:\n{result.stdout}\n{result.stderr}"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 class BetterAuthServer:
