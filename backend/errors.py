@@ -9,6 +9,9 @@ class APIError(Exception):
     status_code = status.HTTP_500_INTERNAL_SERVER_ERROR
     detail = "The server could not complete the request."
     default_headers: ClassVar[dict[str, str]] = {}
+    # A 422 is answered in FastAPI's list shape, which frontends already parse: these fill it.
+    error_type = "value_error"
+    location: ClassVar[tuple[str, ...]] = ("body",)
 
     def __init__(self, detail: str | None = None, headers: dict[str, str] | None = None) -> None:
         if detail is not None:
@@ -53,6 +56,13 @@ class PreconditionFailed(APIError):
 class IdempotencyKeyReused(APIError):
     status_code = status.HTTP_422_UNPROCESSABLE_CONTENT
     detail = "This Idempotency-Key was already used with a different request body."
+    error_type = "idempotency_key_reused"
+    location: ClassVar[tuple[str, ...]] = ("header", "Idempotency-Key")
+
+
+class UnstorableValue(APIError):
+    status_code = status.HTTP_422_UNPROCESSABLE_CONTENT
+    detail = "The database cannot store a value in this request."
 
 
 class TooManyRequests(APIError):

@@ -18,7 +18,7 @@ from auth.jwt import JWKSCache, SessionLookup, TokenVerifier
 from config import Settings, get_settings
 from db import create_engine, create_sessionmaker
 from dependencies import check_access
-from errors import APIError, DatabaseUnavailable
+from errors import APIError, DatabaseUnavailable, UnstorableValue
 from idempotency import purge_expired
 from logs import configure_logging
 from middleware import (
@@ -161,9 +161,10 @@ def build_token_verifier(settings: Settings, http: httpx.AsyncClient) -> TokenVe
 
 
 def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(
-        {"detail": error.detail}, status_code=error.status_code, headers=error.headers
-    )
+    detail: object = error.detail
+    if error.status_code == status.HTTP_422_UNPROCESSABLE_CONTENT:
+        detail = [{"type": error.error_type, "loc": list(error.location), "msg": error.detail}]
+    return JSONResponse({"detail": detail}, status_code=error.status_code, headers=error.headers)
 
 
 async def handle_api_error(_request: Request, error: APIError) -> JSONResponse:
@@ -195,10 +196,7 @@ async def handle_database_error(request: Request, error: sa_exc.SQLAlchemyError)
         getattr(request.scope.get("route"), "path", "(no route)"),
     )
     if isinstance(error, sa_exc.DataError):
-        return JSONResponse(
-            {"detail": "The database cannot store a value in this request."},
-            status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
-        )
+        return error_response(UnstorableValue())
     if isinstance(error, sa_exc.IntegrityError):
         return JSONResponse(
             {"detail": "The request conflicts with the stored data."},

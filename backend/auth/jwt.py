@@ -16,9 +16,12 @@ Headers that would make a verifier fetch or trust keys named by the token itself
 """
 
 import asyncio
+import base64
 import hashlib
+import json
 import logging
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +30,10 @@ from typing import Any
 import httpx
 import jwt
 import orjson
+
+# The frontend chooses the secret; a warning on every HS384/HS512 token would only put its
+# length in the logs.
+warnings.filterwarnings("ignore", category=jwt.InsecureKeyLengthWarning)
 
 logger = logging.getLogger("todo.auth")
 
@@ -43,6 +50,7 @@ MAX_OPAQUE_TOKEN_LENGTH = 512
 # Token-supplied key locations and critical extensions we do not implement are refused outright.
 FORBIDDEN_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c", "crit"})
 MAX_TOKEN_BYTES = 8 * 1024
+TIME_CLAIMS = ("exp", "nbf", "iat")
 MAX_USER_ID_LENGTH = 255
 # Where frontends put the user id, in order: their own tokens, then Better Auth's cookie cache.
 FLAT_USER_ID_CLAIMS = ("sub", "user_id", "userId", "id")
@@ -138,6 +146,14 @@ def read_header(token: str) -> dict[str, Any]:
     """The token's protected header, checked before any key is chosen."""
     if len(token) > MAX_TOKEN_BYTES:
         raise InvalidToken("token is larger than 8 KiB")
+    if token.count(".") != 2:
+        raise InvalidToken("token is not a compact JWS")
+    if "=" in token:
+        # Compact JWS omits base64 padding (RFC 7515 §2); a padded copy is not the token issued.
+        raise InvalidToken("token carries base64 padding")
+    header_segment, payload_segment, _ = token.split(".")
+    for segment in (header_segment, payload_segment):
+        _refuse_duplicate_members(segment)
     try:
         header = jwt.get_unverified_header(token)
     except jwt.PyJWTError as error:
@@ -184,7 +200,30 @@ def decode_claims(
         )
     except (jwt.PyJWTError, ValueError, TypeError) as error:
         raise InvalidToken(f"token rejected: {type(error).__name__}") from error
+    for name in TIME_CLAIMS:
+        # PyJWT reads `"exp": "1795248218"` as a number; a NumericDate is a JSON number.
+        value = claims.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise InvalidToken(f"token {name} is not a number")
     return claims
+
+
+def _refuse_duplicate_members(segment: str) -> None:
+    """A JSON object naming a member twice reads differently to different parsers: refuse it."""
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        names = [name for name, _ in pairs]
+        if len(names) != len(set(names)):
+            raise InvalidToken("token JSON names a member twice")
+        return dict(pairs)
+
+    try:
+        decoded = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        json.loads(decoded, object_pairs_hook=unique)
+    except InvalidToken:
+        raise
+    except (ValueError, RecursionError) as error:
+        raise InvalidToken("token segment is not base64url JSON") from error
 
 
 def user_id_from_claims(claims: Mapping[str, Any]) -> str:

@@ -770,3 +770,49 @@ def test_user_id_from_claims_refuses_claims_that_name_no_user(claims: dict[str, 
 
 def test_user_id_from_claims_accepts_the_longest_allowed_id() -> None:
     assert user_id_from_claims({"sub": "a" * 255}) == "a" * 255
+
+
+# --- Tokens only the secret's holder could make, but which must still be canonical -------------
+
+
+def hs256_from_raw_json(header_json: str, payload_json: str, secret: str = TEST_SECRET) -> str:
+    """An HS256 token around JSON text exactly as given (PyJWT would normalise it)."""
+
+    def segment(text: str) -> str:
+        return base64.urlsafe_b64encode(text.encode()).rstrip(b"=").decode()
+
+    signing_input = f"{segment(header_json)}.{segment(payload_json)}"
+    signature = hmac.new(secret.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{base64.urlsafe_b64encode(signature).rstrip(b'=').decode()}"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param('{{"sub": "{bob}", "sub": "{alice}", "exp": {exp}}}', id="duplicate-sub"),
+        pytest.param('{{"sub": "{alice}", "exp": 1, "exp": {exp}}}', id="duplicate-exp"),
+        pytest.param('{{"sub": "{alice}", "exp": "{exp}"}}', id="exp-as-string"),
+        pytest.param('{{"sub": "{alice}", "exp": true}}', id="exp-as-boolean"),
+        pytest.param('{{"sub": "{alice}", "exp": {exp}, "iat": "0"}}', id="iat-as-string"),
+    ],
+)
+async def test_non_canonical_claims_are_refused_even_when_signed(payload: str) -> None:
+    exp = int(time.time()) + 600
+    token = hs256_from_raw_json('{"alg": "HS256"}', payload.format(alice=ALICE, bob=BOB, exp=exp))
+    with pytest.raises(InvalidToken):
+        await TokenVerifier(secret=TEST_SECRET).verify(token)
+
+
+async def test_a_duplicate_header_member_is_refused() -> None:
+    token = hs256_from_raw_json(
+        '{"alg": "none", "alg": "HS256"}', f'{{"sub": "{ALICE}", "exp": {int(time.time()) + 60}}}'
+    )
+    with pytest.raises(InvalidToken):
+        await TokenVerifier(secret=TEST_SECRET).verify(token)
+
+
+async def test_a_padded_copy_of_a_real_token_is_refused() -> None:
+    token = make_token(ALICE)
+    assert (await TokenVerifier(secret=TEST_SECRET).verify(token)).user_id == ALICE
+    with pytest.raises(InvalidToken):
+        await TokenVerifier(secret=TEST_SECRET).verify(token + "==")

@@ -46,7 +46,13 @@ async def test_the_same_key_with_another_body_is_422(client: AsyncClient) -> Non
     other = await client.post(tasks_url(), json={"title": "second"}, headers=with_key(key))
     assert other.status_code == 422
     assert other.json() == {
-        "detail": "This Idempotency-Key was already used with a different request body."
+        "detail": [
+            {
+                "type": "idempotency_key_reused",
+                "loc": ["header", "Idempotency-Key"],
+                "msg": "This Idempotency-Key was already used with a different request body.",
+            }
+        ]
     }
     assert await count_tasks(client) == 1
 
