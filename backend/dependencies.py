@@ -1,4 +1,4 @@
-"""The vocabulary routes are written in: `SessionDep`, `CurrentUserId`, `OwnerId`, `OwnedTask`.
+"""The vocabulary routes are written in: `ConnectionDep`, `CurrentUserId`, `OwnerId`, `OwnedTask`.
 
 Authentication errors become 401 and a path that names another user becomes 403 here, once, so
 no route repeats an ownership check.
@@ -11,9 +11,9 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Path, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.ext.asyncio import AsyncSession
-from sqlmodel import select
+from sqlalchemy.ext.asyncio import AsyncConnection
 
+import queries
 from auth.jwt import InvalidToken, TokenVerifier, VerificationUnavailable
 from config import Settings
 from errors import (
@@ -24,7 +24,7 @@ from errors import (
     TooManyRequests,
     WrongUser,
 )
-from models import IDEMPOTENCY_KEY_MAX_LENGTH, TASK_ID_MAX, TASK_ID_MIN, Task
+from models import IDEMPOTENCY_KEY_MAX_LENGTH, TASK_ID_MAX, TASK_ID_MIN
 from ratelimit import RateLimiter
 
 logger = logging.getLogger("todo.auth")
@@ -38,12 +38,15 @@ bearer_scheme = HTTPBearer(
 )
 
 
-async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    async with request.app.state.sessionmaker() as session:
-        yield session
+async def get_connection(request: Request) -> AsyncIterator[AsyncConnection]:
+    """A pooled connection for the request. On PostgreSQL each statement commits by itself
+    (`db.atomic` groups several); routes commit before returning (a no-op there, needed on
+    SQLite), never after `yield`, which runs once the response is sent."""
+    async with request.app.state.engine.connect() as connection:
+        yield connection
 
 
-SessionDep = Annotated[AsyncSession, Depends(get_session)]
+ConnectionDep = Annotated[AsyncConnection, Depends(get_connection)]
 
 
 async def get_current_user_id(
@@ -114,11 +117,7 @@ async def enforce_rate_limit(request: Request, user_id: CurrentUserId) -> None:
         raise TooManyRequests(headers={"Retry-After": str(max(1, math.ceil(wait)))})
 
 
-def etag_for(task: Task) -> str:
-    return f'"{task.id}.{task.version}"'
-
-
-def expected_etags(
+async def expected_etags(
     if_match: Annotated[
         str | None,
         Header(description="Change only if the task still has one of these ETags; else 412."),
@@ -160,15 +159,17 @@ IdempotencyKey = Annotated[
 ]
 
 
-async def get_owned_task(task_id: TaskId, owner_id: OwnerId, session: SessionDep) -> Task:
+async def get_owned_task(
+    task_id: TaskId, owner_id: OwnerId, connection: ConnectionDep
+) -> queries.TaskRow:
     """The task with this id if the owner has it; another user's task is simply not found."""
-    task = await session.scalar(select(Task).where(Task.id == task_id, Task.user_id == owner_id))
+    task = await queries.get_task(connection, owner_id, task_id)
     if task is None:
         raise TaskNotFound()
     return task
 
 
-OwnedTask = Annotated[Task, Depends(get_owned_task)]
+OwnedTask = Annotated[queries.TaskRow, Depends(get_owned_task)]
 
 
 async def check_access(request: Request) -> None:

@@ -1,9 +1,9 @@
 """Exactly-once creates: `POST` with an `Idempotency-Key` header.
 
-The key is reserved and the task created in one transaction, and the response stored with them.
-A retry with the same key and body gets the stored 201 again and creates nothing; the same key
-with another body is a 422. Concurrent requests with one key: the database's primary key makes
-the second wait for the first to commit, then replay it. Keys expire after
+The key is reserved and the task created in one transaction (`db.atomic`), and the response
+stored with them. A retry with the same key and body gets the stored 201 again and creates
+nothing; the same key with another body is a 422. Concurrent requests with one key: the primary
+key makes the second wait for the first to commit, then replay it. Keys expire after
 `IDEMPOTENCY_KEY_TTL_SECONDS` (24 hours by default).
 """
 
@@ -13,13 +13,15 @@ from datetime import timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import delete
+from sqlalchemy import Table, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sqlmodel import col, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlmodel import SQLModel
 
 from errors import IdempotencyKeyInProgress, IdempotencyKeyReused
 from models import IdempotencyRecord, utc_now
+
+KEYS: Table = SQLModel.metadata.tables[IdempotencyRecord.__tablename__]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,19 +35,17 @@ def request_fingerprint(payload: dict[str, Any]) -> str:
 
 
 async def reserve_or_replay(
-    session: AsyncSession, owner_id: str, key: str, fingerprint: str, ttl_seconds: int
+    connection: AsyncConnection, owner_id: str, key: str, fingerprint: str, ttl_seconds: int
 ) -> StoredResponse | None:
-    """Reserve the key inside the caller's transaction (None), or the response already given."""
+    """Reserve the key in the caller's transaction (None), or the response already given."""
     now = utc_now()
-    expired = col(IdempotencyRecord.created_at) < now - timedelta(seconds=ttl_seconds)
-    await session.execute(
-        delete(IdempotencyRecord).where(
-            col(IdempotencyRecord.user_id) == owner_id, col(IdempotencyRecord.key) == key, expired
-        )
+    this_key = (KEYS.c.user_id == owner_id) & (KEYS.c.key == key)
+    await connection.execute(
+        delete(KEYS).where(this_key, KEYS.c.created_at < now - timedelta(seconds=ttl_seconds))
     )
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-    reserved = await session.scalar(
-        dialect.insert(IdempotencyRecord)
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    reserved = await connection.scalar(
+        dialect.insert(KEYS)
         .values(
             user_id=owner_id,
             key=key,
@@ -55,15 +55,17 @@ async def reserve_or_replay(
             created_at=now,
         )
         .on_conflict_do_nothing(index_elements=["user_id", "key"])
-        .returning(col(IdempotencyRecord.key))
+        .returning(KEYS.c.key)
     )
     if reserved is not None:
         return None
-    record = await session.scalar(
-        select(IdempotencyRecord).where(
-            col(IdempotencyRecord.user_id) == owner_id, col(IdempotencyRecord.key) == key
+    record = (
+        await connection.execute(
+            select(KEYS.c.request_hash, KEYS.c.status_code, KEYS.c.response_body).where(this_key)
         )
-    )
+    ).first()
+    # Reserved and answered in one transaction, so never seen half-done; but a key can expire
+    # and be deleted between the insert and this read.
     if record is None or record.status_code == 0:
         raise IdempotencyKeyInProgress()
     if record.request_hash != fingerprint:
@@ -72,21 +74,18 @@ async def reserve_or_replay(
 
 
 async def store_response(
-    session: AsyncSession, owner_id: str, key: str, response: StoredResponse
+    connection: AsyncConnection, owner_id: str, key: str, response: StoredResponse
 ) -> None:
-    record = await session.get(IdempotencyRecord, (owner_id, key))
-    if record is None:  # reserved in this same transaction: cannot vanish
-        raise IdempotencyKeyInProgress()
-    record.status_code = response.status_code
-    record.response_body = response.body.decode()
+    await connection.execute(
+        update(KEYS)
+        .where(KEYS.c.user_id == owner_id, KEYS.c.key == key)
+        .values(status_code=response.status_code, response_body=response.body.decode())
+    )
 
 
-async def purge_expired(sessions: async_sessionmaker[AsyncSession], ttl_seconds: int) -> int:
-    async with sessions() as session:
-        result = await session.execute(
-            delete(IdempotencyRecord).where(
-                col(IdempotencyRecord.created_at) < utc_now() - timedelta(seconds=ttl_seconds)
-            )
+async def purge_expired(engine: AsyncEngine, ttl_seconds: int) -> int:
+    async with engine.begin() as connection:
+        result = await connection.execute(
+            delete(KEYS).where(KEYS.c.created_at < utc_now() - timedelta(seconds=ttl_seconds))
         )
-        await session.commit()
-    return int(getattr(result, "rowcount", 0) or 0)
+    return result.rowcount

@@ -16,7 +16,7 @@ from sqlalchemy import exc as sa_exc
 
 from auth.jwt import JWKSCache, SessionLookup, TokenVerifier
 from config import Settings, get_settings
-from db import create_engine, create_sessionmaker
+from db import create_engine
 from dependencies import check_access
 from errors import APIError, DatabaseUnavailable, UnstorableValue
 from idempotency import purge_expired
@@ -56,7 +56,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         )
     engine = create_engine(settings)
     app.state.engine = engine
-    app.state.sessionmaker = create_sessionmaker(engine)
     app.state.rate_limiter = create_rate_limiter(settings.rate_limit_per_second, settings.redis_url)
     background = [asyncio.create_task(_purge_idempotency_keys(app))]
     migrating = await bring_schema_up(settings, app)
@@ -81,9 +80,7 @@ async def _purge_idempotency_keys(app: FastAPI) -> None:
     while True:
         await asyncio.sleep(PURGE_INTERVAL_SECONDS)
         try:
-            purged = await purge_expired(
-                app.state.sessionmaker, settings.idempotency_key_ttl_seconds
-            )
+            purged = await purge_expired(app.state.engine, settings.idempotency_key_ttl_seconds)
         except Exception as error:
             logger.warning("expired idempotency keys not purged (%s)", type(error).__name__)
         else:

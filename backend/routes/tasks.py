@@ -1,42 +1,34 @@
 """The locked task API: `/api/{user_id}/tasks[/{task_id}[/complete]]`.
 
-Ownership is part of every statement's WHERE clause and `OwnerId` has already checked the path
-against the token, so each write is one round trip and no route repeats an ownership check.
+Ownership is part of every statement's WHERE clause (`queries.py`) and `OwnerId` has already
+checked the path against the token, so each operation is one statement and no route repeats an
+ownership check. Rows go out as JSON once, with orjson; `response_model` documents their shape.
 """
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import hashlib
 from typing import Annotated, Any, NoReturn
 
-from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response, status
-from sqlalchemy import ColumnElement, delete, func, not_, or_, update
-from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Mapped
-from sqlmodel import col, select
+from fastapi import APIRouter, Body, Depends, Header, Request, Response, status
+from sqlalchemy import ColumnElement, func
+from sqlalchemy.ext.asyncio import AsyncConnection
 
+import queries
+from db import atomic
 from dependencies import (
+    ConnectionDep,
     ExpectedETags,
     IdempotencyKey,
     OwnedTask,
     OwnerId,
-    SessionDep,
     TaskId,
     enforce_rate_limit,
-    etag_for,
     versions_allowed,
 )
 from errors import PreconditionFailed, TaskNotFound
 from idempotency import StoredResponse, request_fingerprint, reserve_or_replay, store_response
-from json_body import JSONBodyRoute
-from models import (
-    CompletionChange,
-    ErrorMessage,
-    Task,
-    TaskCreate,
-    TaskPublic,
-    TaskUpdate,
-    utc_now,
-)
+from json_body import JSONBodyRoute, json_response, to_json
+from models import CompletionChange, ErrorMessage, TaskCreate, TaskPublic, TaskUpdate
+from queries import TASKS, ListOptions, etag_for, public_task
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -52,12 +44,17 @@ COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     status.HTTP_404_NOT_FOUND: _error("No such task for this user.")
 }
+NOT_MODIFIED: dict[int | str, dict[str, Any]] = {
+    status.HTTP_304_NOT_MODIFIED: {"description": "Not modified since the ETag sent."}
+}
 WRITE_RESPONSES: dict[int | str, dict[str, Any]] = {
     **NOT_FOUND,
     status.HTTP_412_PRECONDITION_FAILED: _error("If-Match no longer matches the task's ETag."),
     status.HTTP_413_CONTENT_TOO_LARGE: _error("The body is over the size limit."),
 }
-JSON_MEDIA_TYPE = "application/json"
+IfNoneMatch = Annotated[
+    str | None, Header(description="304 while the answer still has one of these ETags.")
+]
 
 router = APIRouter(
     prefix="/api/{user_id}/tasks",
@@ -66,16 +63,6 @@ router = APIRouter(
     responses=COMMON_RESPONSES,
     dependencies=[Depends(enforce_rate_limit)],
 )
-
-
-@dataclass(frozen=True, slots=True)
-class ListOptions:
-    completed: bool | None
-    search: str | None
-    order_by: tuple[ColumnElement[Any], ...]
-    limit: int | None
-    offset: int | None
-
 
 PENDING_WORDS = {"pending", "incomplete", "active", "open", "todo"}
 COMPLETED_WORDS = {"completed", "complete", "done"}
@@ -111,72 +98,61 @@ def _completed_filter(status_value: str | None, completed_value: str | None) -> 
 
 def _ordering(sort_value: str | None, order_value: str | None) -> tuple[ColumnElement[Any], ...]:
     sort = (sort_value or "created").lower()
-    column: ColumnElement[Any] | Mapped[Any]
+    column: ColumnElement[Any]
     # Each sort key with the direction it takes when no `order` is given.
     if sort in {"created_oldest", "oldest"}:
-        column, descending = col(Task.created_at), False
+        column, descending = TASKS.c.created_at, False
     elif sort in {"updated", "updated_at"}:
-        column, descending = col(Task.updated_at), True
+        column, descending = TASKS.c.updated_at, True
     elif sort == "title":
-        column, descending = func.lower(col(Task.title)), False
+        column, descending = func.lower(TASKS.c.title), False
     else:
-        column, descending = col(Task.created_at), True
+        column, descending = TASKS.c.created_at, True
     direction = (order_value or "").lower()
     if direction in {"asc", "desc"}:
         descending = direction == "desc"
     if descending:
-        return column.desc(), col(Task.id).desc()
-    return column.asc(), col(Task.id).asc()
+        return column.desc(), TASKS.c.id.desc()
+    return column.asc(), TASKS.c.id.asc()
 
 
-def list_options(
-    status_: Annotated[
-        str | None,
-        Query(
-            alias="status",
-            description="all, pending (incomplete, active, open, todo) or completed (done).",
-        ),
-    ] = None,
-    status_filter: Annotated[str | None, Query(description="Same as `status`.")] = None,
-    completed: Annotated[
-        str | None, Query(description="true or false: another way to filter.")
-    ] = None,
-    sort: Annotated[
-        str | None,
-        Query(description="created (newest first, the default), created_oldest, updated, title."),
-    ] = None,
-    sort_by: Annotated[str | None, Query(description="Same as `sort`.")] = None,
-    sort_by_camel: Annotated[
-        str | None, Query(alias="sortBy", description="Same as `sort`.")
-    ] = None,
-    order: Annotated[
-        str | None, Query(description="asc or desc: overrides the sort's direction.")
-    ] = None,
-    sort_order: Annotated[str | None, Query(description="Same as `order`.")] = None,
-    sort_order_camel: Annotated[
-        str | None, Query(alias="sortOrder", description="Same as `order`.")
-    ] = None,
-    search: Annotated[
-        str | None, Query(description="Case-insensitive substring of the title or description.")
-    ] = None,
-    q: Annotated[str | None, Query(description="Same as `search`.")] = None,
-    limit: Annotated[
-        str | None, Query(description="At most this many tasks; all when absent.")
-    ] = None,
-    offset: Annotated[str | None, Query(description="Skip this many tasks first.")] = None,
-    skip: Annotated[str | None, Query(description="Same as `offset`.")] = None,
-) -> ListOptions:
-    """Lenient by design: an unknown parameter or value is ignored, never a 422."""
+LIST_PARAMETERS = [
+    ("status", "all, pending (incomplete, active, open, todo) or completed (done)."),
+    ("status_filter", "Same as `status`."),
+    ("completed", "true or false: another way to filter."),
+    ("sort", "created (newest first, the default), created_oldest, updated, title."),
+    ("sort_by", "Same as `sort`."),
+    ("sortBy", "Same as `sort`."),
+    ("order", "asc or desc: overrides the sort's direction."),
+    ("sort_order", "Same as `order`."),
+    ("sortOrder", "Same as `order`."),
+    ("search", "Case-insensitive substring of the title or description."),
+    ("q", "Same as `search`."),
+    ("limit", "At most this many tasks; all when absent."),
+    ("offset", "Skip this many tasks first."),
+    ("skip", "Same as `offset`."),
+]
+
+
+async def list_options(request: Request) -> ListOptions:
+    """Read leniently from the query string: an unknown parameter or value is ignored, never
+    a 422, so the parameters are read here rather than declared one by one."""
+    query = request.query_params
+    if not query:
+        return queries.DEFAULT_LIST
     # PostgreSQL text cannot hold NUL, and no stored title contains one.
-    search_text = (_first(search, q) or "").replace("\x00", "")
+    search_text = (_first(query.get("search"), query.get("q")) or "").replace("\x00", "")
     return ListOptions(
-        completed=_completed_filter(_first(status_, status_filter), completed),
+        completed=_completed_filter(
+            _first(query.get("status"), query.get("status_filter")), query.get("completed")
+        ),
         search=search_text or None,
         order_by=_ordering(
-            _first(sort, sort_by, sort_by_camel), _first(order, sort_order, sort_order_camel)
+            _first(query.get("sort"), query.get("sort_by"), query.get("sortBy")),
+            _first(query.get("order"), query.get("sort_order"), query.get("sortOrder")),
         ),
-        limit=_non_negative(limit),
-        offset=_non_negative(_first(offset, skip)),
+        limit=_non_negative(query.get("limit")),
+        offset=_non_negative(_first(query.get("offset"), query.get("skip"))),
     )
 
 
@@ -189,41 +165,41 @@ def list_options(
                 "X-Total-Count": {
                     "description": "Tasks matching the filters, before paging.",
                     "schema": {"type": "integer"},
-                }
+                },
+                "ETag": {"description": "Of this answer.", "schema": {"type": "string"}},
             }
-        }
+        },
+        **NOT_MODIFIED,
+    },
+    openapi_extra={
+        "parameters": [
+            {
+                "name": name,
+                "in": "query",
+                "required": False,
+                "schema": {"type": "string"},
+                "description": description,
+            }
+            for name, description in LIST_PARAMETERS
+        ]
     },
 )
 async def list_tasks(
     owner_id: OwnerId,
-    session: SessionDep,
-    response: Response,
+    connection: ConnectionDep,
     options: Annotated[ListOptions, Depends(list_options)],
-) -> Sequence[Task]:
+    if_none_match: IfNoneMatch = None,
+) -> Response:
     """List the user's tasks, newest first, optionally filtered, searched, sorted and paged."""
-    conditions: list[ColumnElement[bool]] = [col(Task.user_id) == owner_id]
-    if options.completed is not None:
-        conditions.append(col(Task.completed) == options.completed)
-    if options.search:
-        conditions.append(
-            or_(
-                col(Task.title).icontains(options.search, autoescape=True),
-                col(Task.description).icontains(options.search, autoescape=True),
-            )
-        )
-    statement = select(Task).where(*conditions).order_by(*options.order_by)
-    paged = options.limit is not None or options.offset is not None
-    if options.limit is not None:
-        statement = statement.limit(options.limit)
-    if options.offset is not None:
-        statement = statement.offset(options.offset)
-    tasks = (await session.scalars(statement)).all()
-    if paged:
-        total = await session.scalar(select(func.count()).select_from(Task).where(*conditions))
-        response.headers["X-Total-Count"] = str(total or 0)
-    else:
-        response.headers["X-Total-Count"] = str(len(tasks))
-    return tasks
+    rows, total = await queries.list_tasks(connection, owner_id, options)
+    body = to_json([public_task(row) for row in rows])
+    headers = {
+        "X-Total-Count": str(total),
+        "ETag": f'"{hashlib.blake2b(body, digest_size=12).hexdigest()}"',
+    }
+    if if_none_match is not None and _matches(headers["ETag"], if_none_match):
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
+    return json_response(body, headers=headers)
 
 
 @router.post(
@@ -238,67 +214,49 @@ async def list_tasks(
 async def create_task(
     new_task: TaskCreate,
     owner_id: OwnerId,
-    session: SessionDep,
+    connection: ConnectionDep,
     request: Request,
-    response: Response,
     idempotency_key: IdempotencyKey = None,
-) -> Task | Response:
+) -> Response:
     """Create a task for the user. The owner comes from the token, never from the body.
 
     With an `Idempotency-Key` header, retries with the same key and body return the first 201
     and create nothing more; the same key with another body is a 422.
     """
-    now = utc_now()
-    task = Task.model_validate(
-        new_task, update={"user_id": owner_id, "created_at": now, "updated_at": now}
-    )
+    fields = new_task.model_dump()
     if idempotency_key is None:
-        session.add(task)
-        await session.commit()
-        response.headers["ETag"] = etag_for(task)
-        return task
-    fingerprint = request_fingerprint(new_task.model_dump(mode="json"))
-    ttl = request.app.state.settings.idempotency_key_ttl_seconds
-    stored = await reserve_or_replay(session, owner_id, idempotency_key, fingerprint, ttl)
-    if stored is not None:
-        return Response(
-            stored.body,
-            status_code=stored.status_code,
-            media_type=JSON_MEDIA_TYPE,
-            headers={"Idempotent-Replayed": "true"},
+        row = await queries.create_task(connection, owner_id, fields)
+        await connection.commit()
+        return json_response(
+            to_json(public_task(row)), status.HTTP_201_CREATED, {"ETag": etag_for(row)}
         )
-    session.add(task)
-    await session.flush()
-    body = TaskPublic.model_validate(task).model_dump_json().encode()
-    await store_response(session, owner_id, idempotency_key, StoredResponse(201, body))
-    await session.commit()
-    return Response(
-        body,
-        status_code=status.HTTP_201_CREATED,
-        media_type=JSON_MEDIA_TYPE,
-        headers={"ETag": etag_for(task)},
-    )
+    ttl = request.app.state.settings.idempotency_key_ttl_seconds
+    async with atomic(connection):
+        stored = await reserve_or_replay(
+            connection, owner_id, idempotency_key, request_fingerprint(fields), ttl
+        )
+        if stored is not None:
+            return json_response(stored.body, stored.status_code, {"Idempotent-Replayed": "true"})
+        row = await queries.create_task(connection, owner_id, fields)
+        body = to_json(public_task(row))
+        await store_response(
+            connection, owner_id, idempotency_key, StoredResponse(status.HTTP_201_CREATED, body)
+        )
+    return json_response(body, status.HTTP_201_CREATED, {"ETag": etag_for(row)})
 
 
 # OwnedTask reads `task_id` from the path.
 @router.get(
     "/{task_id}",  # noqa: FAST003
     response_model=TaskPublic,
-    responses={**NOT_FOUND, status.HTTP_304_NOT_MODIFIED: {"description": "Not modified."}},
+    responses={**NOT_FOUND, **NOT_MODIFIED},
 )
-async def read_task(
-    task: OwnedTask,
-    response: Response,
-    if_none_match: Annotated[
-        str | None, Header(description="304 when the task still has one of these ETags.")
-    ] = None,
-) -> Task | Response:
+async def read_task(task: OwnedTask, if_none_match: IfNoneMatch = None) -> Response:
     """Get one of the user's tasks, with its ETag."""
     etag = etag_for(task)
     if if_none_match is not None and _matches(etag, if_none_match):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
-    response.headers["ETag"] = etag
-    return task
+    return json_response(to_json(public_task(task)), headers={"ETag": etag})
 
 
 def _matches(etag: str, header: str) -> bool:
@@ -309,41 +267,28 @@ def _matches(etag: str, header: str) -> bool:
 
 
 async def _change_owned(
-    session: AsyncSession,
-    response: Response,
+    connection: AsyncConnection,
     task_id: int,
     owner_id: str,
     etags: frozenset[str] | None,
-    values: dict[str, Any],
-) -> Task:
+    changes: dict[str, Any],
+    *,
+    toggle: bool = False,
+) -> Response:
     """One UPDATE … RETURNING: ownership, If-Match and the change in a single statement."""
     versions = versions_allowed(etags, task_id)
-    conditions = [col(Task.id) == task_id, col(Task.user_id) == owner_id]
-    if versions is not None:
-        conditions.append(col(Task.version).in_(versions))
-    statement = (
-        update(Task)
-        .where(*conditions)
-        .values(**values, updated_at=utc_now(), version=col(Task.version) + 1)
-        .returning(Task)
-    )
-    task = await session.scalar(statement)
-    if task is None:
-        await _raise_missing_or_changed(session, task_id, owner_id, versions)
-    await session.commit()
-    response.headers["ETag"] = etag_for(task)
-    return task
+    row = await queries.change_task(connection, owner_id, task_id, changes, versions, toggle=toggle)
+    if row is None:
+        await _raise_missing_or_changed(connection, task_id, owner_id, versions)
+    await connection.commit()
+    return json_response(to_json(public_task(row)), headers={"ETag": etag_for(row)})
 
 
 async def _raise_missing_or_changed(
-    session: AsyncSession, task_id: int, owner_id: str, versions: frozenset[int] | None
+    connection: AsyncConnection, task_id: int, owner_id: str, versions: frozenset[int] | None
 ) -> NoReturn:
-    if versions is not None:
-        exists = await session.scalar(
-            select(col(Task.id)).where(col(Task.id) == task_id, col(Task.user_id) == owner_id)
-        )
-        if exists is not None:
-            raise PreconditionFailed()
+    if versions is not None and await queries.task_exists(connection, owner_id, task_id):
+        raise PreconditionFailed()
     raise TaskNotFound()
 
 
@@ -354,15 +299,15 @@ async def update_task(
     task_id: TaskId,
     owner_id: OwnerId,
     etags: ExpectedETags,
-    session: SessionDep,
-    response: Response,
-) -> Task:
+    connection: ConnectionDep,
+) -> Response:
     """Change the fields present in the body; others keep their values (PUT and PATCH alike).
 
     Without `If-Match` the last write wins; with it, a task changed meanwhile gives 412.
     """
-    values = changes.model_dump(exclude_unset=True)
-    return await _change_owned(session, response, task_id, owner_id, etags, values)
+    return await _change_owned(
+        connection, task_id, owner_id, etags, changes.model_dump(exclude_unset=True)
+    )
 
 
 @router.patch("/{task_id}/complete", response_model=TaskPublic, responses=WRITE_RESPONSES)
@@ -370,18 +315,14 @@ async def toggle_completion(
     task_id: TaskId,
     owner_id: OwnerId,
     etags: ExpectedETags,
-    session: SessionDep,
-    response: Response,
+    connection: ConnectionDep,
     change: Annotated[CompletionChange | None, Body()] = None,
-) -> Task:
+) -> Response:
     """Toggle completion (no body or `{}`), or set it with `{"completed": true|false}`."""
     if change is None or change.completed is None:
-        # One atomic statement: concurrent toggles each flip the stored value.
-        completed: Any = not_(col(Task.completed))
-    else:
-        completed = change.completed
+        return await _change_owned(connection, task_id, owner_id, etags, {}, toggle=True)
     return await _change_owned(
-        session, response, task_id, owner_id, etags, {"completed": completed}
+        connection, task_id, owner_id, etags, {"completed": change.completed}
     )
 
 
@@ -392,14 +333,10 @@ async def toggle_completion(
     responses=WRITE_RESPONSES,
 )
 async def delete_task(
-    task_id: TaskId, owner_id: OwnerId, etags: ExpectedETags, session: SessionDep
+    task_id: TaskId, owner_id: OwnerId, etags: ExpectedETags, connection: ConnectionDep
 ) -> None:
     """Delete one of the user's tasks."""
     versions = versions_allowed(etags, task_id)
-    conditions = [col(Task.id) == task_id, col(Task.user_id) == owner_id]
-    if versions is not None:
-        conditions.append(col(Task.version).in_(versions))
-    deleted = await session.scalar(delete(Task).where(*conditions).returning(col(Task.id)))
-    if deleted is None:
-        await _raise_missing_or_changed(session, task_id, owner_id, versions)
-    await session.commit()
+    if not await queries.delete_task(connection, owner_id, task_id, versions):
+        await _raise_missing_or_changed(connection, task_id, owner_id, versions)
+    await connection.commit()

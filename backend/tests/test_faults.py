@@ -17,6 +17,7 @@ from httpx import AsyncClient
 from sqlalchemy import text
 
 from config import BACKEND_DIR
+from db import atomic
 from tests.jwks_server import silent_listener
 from tests.support import TEST_SECRET, auth, free_port, running_app
 
@@ -89,11 +90,45 @@ async def test_the_app_starts_with_the_database_down(tmp_path: Path) -> None:
 async def test_statement_timeout_is_set_per_transaction(postgres_url: str) -> None:
     async with running_app(database_url=postgres_url, database_statement_timeout_ms=300) as client:
         app = client._transport.app  # type: ignore[attr-defined]
-        async with app.state.engine.connect() as connection:
+        async with app.state.engine.connect() as connection, atomic(connection):
             setting = await connection.scalar(text("SHOW statement_timeout"))
             assert setting == "300ms"
             with pytest.raises(Exception, match="statement timeout"):
                 await connection.execute(text("SELECT pg_sleep(2)"))
+
+
+async def test_a_statement_past_the_deadline_is_cancelled_on_the_server(
+    postgres_url: str,
+) -> None:
+    """Single statements run in autocommit: the request deadline bounds them, and cancelling
+    the request cancels the statement in PostgreSQL too (no query left running)."""
+    user = f"user-{uuid.uuid4().hex}"
+    async with running_app(database_url=postgres_url, request_timeout_seconds=1) as client:
+        created = await client.post(tasks_url(user), json={"title": "t"}, headers=auth(user))
+        task_url = f"{tasks_url(user)}/{created.json()['id']}"
+        async with await psycopg.AsyncConnection.connect(postgres_url) as blocker:
+            await blocker.execute("LOCK TABLE tasks IN EXCLUSIVE MODE")
+            async with asyncio.timeout(30):
+                stuck = await client.patch(f"{task_url}/complete", headers=auth(user))
+            assert stuck.status_code == 503
+            assert stuck.headers["Retry-After"].isdigit()
+            async with await psycopg.AsyncConnection.connect(
+                postgres_url, autocommit=True
+            ) as watch:
+                for _ in range(100):
+                    waiting = await (
+                        await watch.execute(
+                            "SELECT count(*) FROM pg_stat_activity WHERE datname ="
+                            " current_database() AND wait_event_type = 'Lock'"
+                        )
+                    ).fetchone()
+                    if waiting == (0,):
+                        break
+                    await asyncio.sleep(0.05)
+                assert waiting == (0,)
+            await blocker.rollback()
+        after = await client.get(task_url, headers=auth(user))
+        assert after.json()["completed"] is False
 
 
 async def test_two_instances_create_once_for_one_idempotency_key(postgres_url: str) -> None:

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from httpx import AsyncClient
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from models import Task
 from tests.support import ALICE, BOB, auth
@@ -44,7 +45,7 @@ async def store(
         created_at=START + timedelta(minutes=created),
         updated_at=START + timedelta(minutes=created if updated is None else updated),
     )
-    async with app.state.sessionmaker() as session:
+    async with AsyncSession(app.state.engine, expire_on_commit=False) as session:
         session.add(task)
         await session.commit()
     assert task.id is not None
