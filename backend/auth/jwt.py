@@ -47,6 +47,9 @@ EC_ALGORITHMS_BY_CURVE = {
 ASYMMETRIC_ALGORITHMS = RSA_ALGORITHMS | {"ES256", "ES384", "ES512", "EdDSA"}
 MAX_JWKS_BYTES = 256 * 1024
 MAX_OPAQUE_TOKEN_LENGTH = 512
+# Verified JWTs kept per worker: a repeat costs a dict lookup instead of a signature check.
+VERIFIED_CACHE_SIZE = 10_000
+VERIFIED_CACHE_SECONDS = 60
 # Token-supplied key locations and critical extensions we do not implement are refused outright.
 FORBIDDEN_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c", "crit"})
 MAX_TOKEN_BYTES = 8 * 1024
@@ -98,8 +101,31 @@ class TokenVerifier:
         self._jwks_issuer = jwks_issuer
         self._jwks_audience = jwks_audience
         self._sessions = sessions
+        # token -> (result, valid until (epoch seconds), JWKS generation it was checked under)
+        self._verified: dict[str, tuple[VerifiedToken, float, int]] = {}
 
     async def verify(self, token: str) -> VerifiedToken:
+        """Who the token names. A JWT verified before is answered from memory until its `exp`
+        (at most VERIFIED_CACHE_SECONDS, and never past a change of Better Auth's keys)."""
+        cached = self._verified.get(token)
+        if cached is not None:
+            verified, valid_until, key_generation = cached
+            if time.time() < valid_until and key_generation == self._key_generation():
+                return verified
+            del self._verified[token]
+        verified = await self._verify(token)
+        expires = verified.claims.get("exp")
+        if isinstance(expires, int | float):
+            if len(self._verified) >= VERIFIED_CACHE_SIZE:
+                del self._verified[next(iter(self._verified))]
+            valid_until = min(float(expires), time.time() + VERIFIED_CACHE_SECONDS)
+            self._verified[token] = (verified, valid_until, self._key_generation())
+        return verified
+
+    def _key_generation(self) -> int:
+        return self._jwks.generation if self._jwks is not None else 0
+
+    async def _verify(self, token: str) -> VerifiedToken:
         if token.count(".") != 2:
             if self._sessions is not None:
                 return VerifiedToken(user_id=await self._sessions.user_id_for(token), claims={})
@@ -310,6 +336,8 @@ class JWKSCache:
         self._lock = asyncio.Lock()
         self._background: asyncio.Task[None] | None = None
         self.fetch_count = 0
+        # Bumped whenever the published keys change, so verified tokens are checked again.
+        self.generation = 0
 
     async def key_for(self, kid: object, algorithm: str) -> Any:
         if kid is not None and not isinstance(kid, str):
@@ -372,6 +400,8 @@ class JWKSCache:
                     raise
                 logger.warning("JWKS refresh failed; keeping the keys fetched before")
                 return
+            if self._keys is not None and keys != self._keys:
+                self.generation += 1
             self._keys = keys
             self._key_objects.clear()
             self._fetched_at = time.monotonic()

@@ -4,6 +4,7 @@ Every token here is really signed (PyJWT, or by hand where PyJWT refuses to buil
 CONTRACT.md "Tokens the backend must accept" and "Errors": 401 before 403 before 404 and 422.
 """
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -816,3 +817,14 @@ async def test_a_padded_copy_of_a_real_token_is_refused() -> None:
     assert (await TokenVerifier(secret=TEST_SECRET).verify(token)).user_id == ALICE
     with pytest.raises(InvalidToken):
         await TokenVerifier(secret=TEST_SECRET).verify(token + "==")
+
+
+async def test_a_remembered_token_still_expires() -> None:
+    """Verified tokens are remembered, but never past their own `exp`."""
+    verifier = TokenVerifier(secret=TEST_SECRET, leeway_seconds=0)
+    token = jwt.encode({"sub": ALICE, "exp": time.time() + 1.5}, TEST_SECRET, algorithm="HS256")
+    assert (await verifier.verify(token)).user_id == ALICE
+    assert (await verifier.verify(token)).user_id == ALICE
+    await asyncio.sleep(2)
+    with pytest.raises(InvalidToken):
+        await verifier.verify(token)
