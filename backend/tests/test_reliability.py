@@ -307,3 +307,43 @@ async def test_security_headers(client: AsyncClient) -> None:
     assert api.headers["Cache-Control"] == "no-store"
     health = await client.get("/health")
     assert health.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_production_logs_are_json_lines() -> None:
+    import json
+
+    from logs import JSONFormatter, configure_logging
+    from tests.support import make_settings
+
+    configure_logging(make_settings(environment="test"))
+    logger = logging.getLogger("todo")
+    assert not isinstance(logger.handlers[0].formatter, JSONFormatter)
+    try:
+        configure_logging(
+            make_settings(
+                environment="production",
+                better_auth_secret="p" * 40,
+                database_url="postgresql://app@db/app",
+            )
+        )
+        formatter = logger.handlers[0].formatter
+        assert isinstance(formatter, JSONFormatter)
+        record = logging.makeLogRecord(
+            {
+                "name": "todo.request",
+                "levelno": logging.INFO,
+                "levelname": "INFO",
+                "msg": "%s %s",
+                "args": ("GET", "/api/{user_id}/tasks"),
+                "status": 200,
+                "request_id": "abc",
+            }
+        )
+        line = json.loads(formatter.format(record))
+    finally:
+        configure_logging(make_settings(environment="test"))
+    assert line["message"] == "GET /api/{user_id}/tasks"
+    assert line["level"] == "INFO"
+    assert line["status"] == 200
+    assert line["request_id"] == "abc"
+    assert line["time"].endswith("+00:00")
