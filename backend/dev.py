@@ -4,6 +4,9 @@
     python3 backend/dev.py serve [--host HOST] [--port PORT] [--reload]
         Start the API (embedded SQLite unless NEON_DATABASE_URL/DATABASE_URL is set); the schema
         is migrated at start-up.
+    python3 backend/dev.py serve --production [--host 0.0.0.0] [--workers 2]
+        The production server: no development packages, ENVIRONMENT=production (unless set),
+        uvloop and httptools, N worker processes, graceful shutdown on SIGTERM.
     python3 backend/dev.py test [PYTEST ARGS...]
         Lint, type-check and run every test (SQLite, PostgreSQL, the real Better Auth server).
     python3 backend/dev.py check
@@ -66,11 +69,34 @@ def pip_install(pip: list[str], arguments: list[str]) -> None:
     )
 
 
-def sync(uv: str) -> None:
+def sync(uv: str, *, development: bool = True) -> None:
     """Create or update backend/.venv exactly as uv.lock says (fast when nothing changed)."""
+    extra = [] if development else ["--no-dev"]
     subprocess.run(
-        [uv, "sync", "--frozen", "--python", sys.executable, "--quiet"], cwd=BACKEND_DIR, check=True
+        [uv, "sync", "--frozen", "--python", sys.executable, "--quiet", *extra],
+        cwd=BACKEND_DIR,
+        check=True,
     )
+
+
+def start_server(uv: str, arguments: argparse.Namespace) -> int:
+    command = ["uvicorn", "main:app", "--host", arguments.host, "--port", str(arguments.port)]
+    if arguments.production:
+        os.environ.setdefault("ENVIRONMENT", "production")
+        command += ["--workers", str(arguments.workers), "--timeout-graceful-shutdown", "20"]
+        command += ["--no-server-header"]
+        if os.name != "nt":
+            command += ["--loop", "uvloop", "--http", "httptools"]
+    elif arguments.reload:
+        command.append("--reload")
+    full = [uv, "run", "--frozen", "--no-sync", *command]
+    if os.name == "nt":
+        return run(uv, *command)
+    # Become the server: a SIGTERM sent to this process reaches uvicorn, which shuts down
+    # gracefully, instead of leaving it running without us.
+    os.chdir(BACKEND_DIR)
+    os.execv(uv, full)
+    return 0  # not reached: the server replaced this process
 
 
 def run(uv: str, *command: str) -> int:
@@ -91,6 +117,8 @@ def main() -> int:
     serve.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
     serve.add_argument("--port", default=os.environ.get("PORT", "8000"))
     serve.add_argument("--reload", action="store_true", help="restart on code changes")
+    serve.add_argument("--production", action="store_true", help="the production server")
+    serve.add_argument("--workers", default=os.environ.get("WEB_CONCURRENCY", "2"))
     test = commands.add_parser("test", help="lint, type-check and run every test")
     test.add_argument("pytest_args", nargs=argparse.REMAINDER)
     commands.add_parser("check", help="lint and type-check")
@@ -101,19 +129,9 @@ def main() -> int:
     arguments = parser.parse_args()
 
     uv = find_uv()
-    sync(uv)
+    sync(uv, development=not (arguments.command == "serve" and arguments.production))
     if arguments.command == "serve":
-        reload = ["--reload"] if arguments.reload else []
-        return run(
-            uv,
-            "uvicorn",
-            "main:app",
-            "--host",
-            arguments.host,
-            "--port",
-            str(arguments.port),
-            *reload,
-        )
+        return start_server(uv, arguments)
     if arguments.command in {"test", "check"}:
         for step in (("ruff", "check", "."), ("ruff", "format", "--check", "."), ("mypy", ".")):
             say(" ".join(step))
