@@ -24,6 +24,19 @@ class RequestBodyTooLarge(HTTPException):
         )
 
 
+class StartTrackingSend:
+    """A `send` that remembers whether the response has begun (after that, no error answer)."""
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.response_started = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.response_started = True
+        await self.send(message)
+
+
 class TrailingSlashMiddleware:
     """Serve `/path/` as `/path` directly.
 
@@ -140,22 +153,15 @@ class DeadlineMiddleware:
         if scope["type"] != "http" or scope["path"] == "/health":
             await self.app(scope, receive, send)
             return
-        response_started = False
-
-        async def send_tracking_start(message: Message) -> None:
-            nonlocal response_started
-            if message["type"] == "http.response.start":
-                response_started = True
-            await send(message)
-
+        tracked = StartTrackingSend(send)
         try:
             async with asyncio.timeout(self.seconds):
-                await self.app(scope, receive, send_tracking_start)
+                await self.app(scope, receive, tracked)
         except TimeoutError:
             logger.warning(
                 "request deadline passed during %s %s", scope["method"], _route_template(scope)
             )
-            if response_started:
+            if tracked.response_started:
                 raise
             await _send_json(
                 send,
@@ -179,16 +185,9 @@ class UnhandledErrorMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        response_started = False
-
-        async def send_tracking_start(message: Message) -> None:
-            nonlocal response_started
-            if message["type"] == "http.response.start":
-                response_started = True
-            await send(message)
-
+        tracked = StartTrackingSend(send)
         try:
-            await self.app(scope, receive, send_tracking_start)
+            await self.app(scope, receive, tracked)
         except Exception as error:
             logger.error(
                 "unhandled %s at %s during %s %s",
@@ -197,7 +196,7 @@ class UnhandledErrorMiddleware:
                 scope.get("method"),
                 _route_template(scope),
             )
-            if not response_started:
+            if not tracked.response_started:
                 await _send_json(
                     send,
                     status.HTTP_500_INTERNAL_SERVER_ERROR,

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
@@ -24,6 +24,23 @@ from tests.support import TEST_SECRET, auth, free_port, running_app
 
 def tasks_url(user_id: str) -> str:
     return f"/api/{user_id}/tasks"
+
+
+async def sessions_waiting_on_locks(url: str, until: Callable[[int], bool]) -> int:
+    """How many sessions of this database wait on a lock, polled (up to 10 s) until `until`."""
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as watch:
+        for _ in range(200):
+            row = await (
+                await watch.execute(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            ).fetchone()
+            count = int(row[0]) if row is not None else 0
+            if until(count):
+                break
+            await asyncio.sleep(0.05)
+    return count
 
 
 async def test_connections_killed_while_idle_are_replaced_unseen(postgres_url: str) -> None:
@@ -112,20 +129,10 @@ async def test_a_statement_past_the_deadline_is_cancelled_on_the_server(
                 stuck = await client.patch(f"{task_url}/complete", headers=auth(user))
             assert stuck.status_code == 503
             assert stuck.headers["Retry-After"].isdigit()
-            async with await psycopg.AsyncConnection.connect(
-                postgres_url, autocommit=True
-            ) as watch:
-                for _ in range(100):
-                    waiting = await (
-                        await watch.execute(
-                            "SELECT count(*) FROM pg_stat_activity WHERE datname ="
-                            " current_database() AND wait_event_type = 'Lock'"
-                        )
-                    ).fetchone()
-                    if waiting == (0,):
-                        break
-                    await asyncio.sleep(0.05)
-                assert waiting == (0,)
+            # Cancelled on the server too: nothing of ours still waits on the lock.
+            assert (
+                await sessions_waiting_on_locks(postgres_url, until=lambda count: count == 0) == 0
+            )
             await blocker.rollback()
         after = await client.get(task_url, headers=auth(user))
         assert after.json()["completed"] is False
@@ -205,19 +212,7 @@ async def test_sigterm_lets_in_flight_requests_finish_and_commit(
                 )
                 for n in range(8)
             ]
-            async with await psycopg.AsyncConnection.connect(
-                postgres_url, autocommit=True
-            ) as watch:
-                for _ in range(200):
-                    waiting = await (
-                        await watch.execute(
-                            "SELECT count(*) FROM pg_stat_activity"
-                            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                        )
-                    ).fetchone()
-                    if waiting is not None and waiting[0] >= 1:
-                        break
-                    await asyncio.sleep(0.02)
+            await sessions_waiting_on_locks(postgres_url, until=lambda count: count >= 1)
             process.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.3)
             await blocker.commit()  # releases the lock; the creates now finish
