@@ -13,6 +13,9 @@
         Lint and type-check only.
     python3 backend/dev.py migrate
         Apply the migrations to the configured database (a release-pipeline step).
+    python3 backend/dev.py bench [--quick] [BENCH OPTIONS...]
+        The performance benchmark (bench/README.md): the app in production mode and a bare
+        baseline on PostgreSQL, driven by wrk; prints the table and the targets.
     python3 backend/dev.py token USER_ID [--minutes N]
         Print an HS256 token for USER_ID signed with the configured BETTER_AUTH_SECRET.
 
@@ -89,14 +92,17 @@ def start_server(uv: str, arguments: argparse.Namespace) -> int:
             command += ["--loop", "uvloop", "--http", "httptools"]
     elif arguments.reload:
         command.append("--reload")
-    full = [uv, "run", "--frozen", "--no-sync", *command]
+    return become(uv, *command)
+
+
+def become(uv: str, *command: str) -> int:
+    """Replace this process with `uv run COMMAND`: signals sent to us (SIGTERM from a
+    supervisor, Ctrl-C) then reach the server or the benchmark itself, which clean up."""
     if os.name == "nt":
         return run(uv, *command)
-    # Become the server: a SIGTERM sent to this process reaches uvicorn, which shuts down
-    # gracefully, instead of leaving it running without us.
     os.chdir(BACKEND_DIR)
-    os.execv(uv, full)
-    return 0  # not reached: the server replaced this process
+    os.execv(uv, [uv, "run", "--frozen", "--no-sync", *command])
+    return 0  # not reached: the command replaced this process
 
 
 def run(uv: str, *command: str) -> int:
@@ -123,6 +129,8 @@ def main() -> int:
     test.add_argument("pytest_args", nargs=argparse.REMAINDER)
     commands.add_parser("check", help="lint and type-check")
     commands.add_parser("migrate", help="apply the migrations to the configured database")
+    bench = commands.add_parser("bench", help="run the performance benchmark")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     token = commands.add_parser("token", help="print a development token")
     token.add_argument("user_id")
     token.add_argument("--minutes", default="60")
@@ -141,6 +149,8 @@ def main() -> int:
             return 0
         say("pytest " + " ".join(arguments.pytest_args))
         return run(uv, "pytest", *arguments.pytest_args)
+    if arguments.command == "bench":
+        return become(uv, "python", "-m", "bench.run", *arguments.bench_args)
     if arguments.command == "migrate":
         return run(uv, "alembic", "upgrade", "head")
     return run(uv, "python", "dev_token.py", arguments.user_id, "--minutes", arguments.minutes)
