@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     database_pool_timeout_seconds: float = Field(default=5, gt=0, le=60)
     # Covers a Neon compute waking from suspend.
     database_connect_timeout_seconds: int = Field(default=10, ge=1, le=60)
+    # Pooled connections idle longer than this are pinged before use (Neon drops idle ones).
+    database_ping_idle_seconds: float = Field(default=1.0, ge=0)
     # Per transaction (SET LOCAL); 0 turns it off.
     database_statement_timeout_ms: int = Field(default=5000, ge=0)
     # Whole-request bound: past it the answer is 503, never a hang.

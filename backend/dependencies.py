@@ -1,4 +1,4 @@
-"""The vocabulary routes are written in: `ConnectionDep`, `CurrentUserId`, `OwnerId`, `OwnedTask`.
+"""The vocabulary routes are written in: `DatabaseDep`, `CurrentUserId`, `OwnerId`, `OwnedTask`.
 
 Authentication errors become 401 and a path that names another user becomes 403 here, once, so
 no route repeats an ownership check.
@@ -6,16 +6,15 @@ no route repeats an ownership check.
 
 import logging
 import math
-from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Header, Path, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 import queries
 from auth.jwt import InvalidToken, TokenVerifier, VerificationUnavailable
 from config import Settings
+from database import Database
 from errors import (
     AuthUnavailable,
     InvalidCredentials,
@@ -38,15 +37,14 @@ bearer_scheme = HTTPBearer(
 )
 
 
-async def get_connection(request: Request) -> AsyncIterator[AsyncConnection]:
-    """A pooled connection for the request. On PostgreSQL each statement commits by itself
-    (`db.atomic` groups several); routes commit before returning (a no-op there, needed on
-    SQLite), never after `yield`, which runs once the response is sent."""
-    async with request.app.state.engine.connect() as connection:
-        yield connection
+async def get_database(request: Request) -> Database:
+    """Where statements run: each commits by itself; `db.atomic()` groups several. A connection
+    is held only while a statement runs, not while the response is written."""
+    database: Database = request.app.state.database
+    return database
 
 
-ConnectionDep = Annotated[AsyncConnection, Depends(get_connection)]
+DatabaseDep = Annotated[Database, Depends(get_database)]
 
 
 async def get_current_user_id(
@@ -159,11 +157,9 @@ IdempotencyKey = Annotated[
 ]
 
 
-async def get_owned_task(
-    task_id: TaskId, owner_id: OwnerId, connection: ConnectionDep
-) -> queries.TaskRow:
+async def get_owned_task(task_id: TaskId, owner_id: OwnerId, db: DatabaseDep) -> queries.TaskRow:
     """The task with this id if the owner has it; another user's task is simply not found."""
-    task = await queries.get_task(connection, owner_id, task_id)
+    task = await queries.get_task(db, owner_id, task_id)
     if task is None:
         raise TaskNotFound()
     return task

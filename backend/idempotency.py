@@ -15,9 +15,10 @@ from typing import Any
 import orjson
 from sqlalchemy import Table, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import SQLModel
 
+from database import Database
 from errors import IdempotencyKeyInProgress, IdempotencyKeyReused
 from models import IdempotencyRecord, utc_now
 
@@ -35,16 +36,18 @@ def request_fingerprint(payload: dict[str, Any]) -> str:
 
 
 async def reserve_or_replay(
-    connection: AsyncConnection, owner_id: str, key: str, fingerprint: str, ttl_seconds: int
+    db: Database, owner_id: str, key: str, fingerprint: str, ttl_seconds: int
 ) -> StoredResponse | None:
     """Reserve the key in the caller's transaction (None), or the response already given."""
     now = utc_now()
     this_key = (KEYS.c.user_id == owner_id) & (KEYS.c.key == key)
-    await connection.execute(
-        delete(KEYS).where(this_key, KEYS.c.created_at < now - timedelta(seconds=ttl_seconds))
+    await db.fetch_one(
+        delete(KEYS)
+        .where(this_key, KEYS.c.created_at < now - timedelta(seconds=ttl_seconds))
+        .returning(KEYS.c.key)
     )
-    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
-    reserved = await connection.scalar(
+    dialect = postgresql if db.dialect == "postgresql" else sqlite
+    reserved = await db.scalar(
         dialect.insert(KEYS)
         .values(
             user_id=owner_id,
@@ -59,11 +62,9 @@ async def reserve_or_replay(
     )
     if reserved is not None:
         return None
-    record = (
-        await connection.execute(
-            select(KEYS.c.request_hash, KEYS.c.status_code, KEYS.c.response_body).where(this_key)
-        )
-    ).first()
+    record = await db.fetch_one(
+        select(KEYS.c.request_hash, KEYS.c.status_code, KEYS.c.response_body).where(this_key)
+    )
     # Reserved and answered in one transaction, so never seen half-done; but a key can expire
     # and be deleted between the insert and this read.
     if record is None or record.status_code == 0:
@@ -73,13 +74,12 @@ async def reserve_or_replay(
     return StoredResponse(record.status_code, record.response_body.encode())
 
 
-async def store_response(
-    connection: AsyncConnection, owner_id: str, key: str, response: StoredResponse
-) -> None:
-    await connection.execute(
+async def store_response(db: Database, owner_id: str, key: str, response: StoredResponse) -> None:
+    await db.fetch_one(
         update(KEYS)
         .where(KEYS.c.user_id == owner_id, KEYS.c.key == key)
         .values(status_code=response.status_code, response_body=response.body.decode())
+        .returning(KEYS.c.key)
     )
 
 

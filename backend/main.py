@@ -8,15 +8,18 @@ from contextlib import asynccontextmanager
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
+import psycopg
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from psycopg_pool import PoolTimeout
 from sqlalchemy import exc as sa_exc
 
 from auth.jwt import JWKSCache, SessionLookup, TokenVerifier
 from config import Settings, get_settings
-from db import create_engine
+from database import create_database
+from db import create_engine, database_url
 from dependencies import check_access
 from errors import APIError, DatabaseUnavailable, UnstorableValue
 from idempotency import purge_expired
@@ -56,6 +59,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         )
     engine = create_engine(settings)
     app.state.engine = engine
+    app.state.database = create_database(settings, database_url(settings), engine)
+    await app.state.database.open()
     app.state.rate_limiter = create_rate_limiter(settings.rate_limit_per_second, settings.redis_url)
     background = [asyncio.create_task(_purge_idempotency_keys(app))]
     migrating = await bring_schema_up(settings, app)
@@ -70,6 +75,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for task in background:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await app.state.database.close()
         await engine.dispose()
         await app.state.auth_http.aclose()
         await app.state.rate_limiter.close()
@@ -114,6 +120,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(APIError, handle_api_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, handle_validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(sa_exc.SQLAlchemyError, handle_database_error)  # type: ignore[arg-type]
+    app.add_exception_handler(psycopg.Error, handle_database_error)  # type: ignore[arg-type]
+    app.add_exception_handler(PoolTimeout, handle_database_error)  # type: ignore[arg-type]
 
     # Added innermost first. CORS wraps everything but the request log, so even errors and
     # deadline 503s carry its headers; the log sees every response, preflights included.
@@ -184,7 +192,9 @@ async def handle_validation_error(request: Request, error: RequestValidationErro
     return JSONResponse({"detail": problems}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 
-async def handle_database_error(request: Request, error: sa_exc.SQLAlchemyError) -> JSONResponse:
+async def handle_database_error(
+    request: Request, error: sa_exc.SQLAlchemyError | psycopg.Error | PoolTimeout
+) -> JSONResponse:
     # Driver messages can hold SQL, parameters or the host: only the class name is logged.
     logger.warning(
         "database error %s during %s %s",
@@ -192,9 +202,9 @@ async def handle_database_error(request: Request, error: sa_exc.SQLAlchemyError)
         request.method,
         getattr(request.scope.get("route"), "path", "(no route)"),
     )
-    if isinstance(error, sa_exc.DataError):
+    if isinstance(error, sa_exc.DataError | psycopg.DataError):
         return error_response(UnstorableValue())
-    if isinstance(error, sa_exc.IntegrityError):
+    if isinstance(error, sa_exc.IntegrityError | psycopg.IntegrityError):
         return JSONResponse(
             {"detail": "The request conflicts with the stored data."},
             status_code=status.HTTP_409_CONFLICT,

@@ -1,21 +1,22 @@
 """The SQL the task routes run, one statement per operation, ownership in every WHERE clause.
 
 SQLAlchemy Core on the table `models.Task` defines: rows come back as plain tuples and go out as
-JSON without building ORM objects or validating them again. The common statements are built once
-at import; SQLAlchemy then reuses their compiled form.
+JSON without building ORM objects or validating them again. The common statements are built and
+compiled once (`database.static`).
 """
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC
 from typing import Any, TypeAlias
 
 from sqlalchemy import (
     ColumnElement,
-    Row,
     Table,
     and_,
     bindparam,
     delete,
+    false,
     func,
     insert,
     not_,
@@ -23,14 +24,15 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel import SQLModel
 
+from database import Database, static
 from models import Task, utc_now
 
 TASKS: Table = SQLModel.metadata.tables[Task.__tablename__]
-# A row of COLUMNS, read by name: row.id, row.title, ...
-TaskRow: TypeAlias = Row[*tuple[Any, ...]]
+# A row of COLUMNS, read by name (row.id, row.title, …): a psycopg named tuple on PostgreSQL,
+# a SQLAlchemy Row on SQLite.
+TaskRow: TypeAlias = Any
 COLUMNS = (
     TASKS.c.id,
     TASKS.c.user_id,
@@ -44,13 +46,25 @@ COLUMNS = (
 OWNED = and_(TASKS.c.id == bindparam("task_id"), TASKS.c.user_id == bindparam("owner_id"))
 NEWEST_FIRST = (TASKS.c.created_at.desc(), TASKS.c.id.desc())
 
-LIST_NEWEST_FIRST = (
+LIST_NEWEST_FIRST = static(
     select(*COLUMNS).where(TASKS.c.user_id == bindparam("owner_id")).order_by(*NEWEST_FIRST)
 )
-SELECT_OWNED = select(*COLUMNS).where(OWNED)
-INSERT_TASK = insert(TASKS).returning(*COLUMNS)
+SELECT_OWNED = static(select(*COLUMNS).where(OWNED))
+INSERT_TASK = static(
+    insert(TASKS)
+    .values(
+        user_id=bindparam("owner_id"),
+        title=bindparam("title"),
+        description=bindparam("description"),
+        completed=bindparam("completed"),
+        created_at=bindparam("now"),
+        updated_at=bindparam("now"),
+        version=1,
+    )
+    .returning(*COLUMNS)
+)
 # One atomic statement: concurrent toggles each flip the value they find.
-TOGGLE_OWNED = (
+TOGGLE_OWNED = static(
     update(TASKS)
     .where(OWNED)
     .values(
@@ -60,8 +74,8 @@ TOGGLE_OWNED = (
     )
     .returning(*COLUMNS)
 )
-DELETE_OWNED = delete(TASKS).where(OWNED).returning(TASKS.c.id)
-OWNED_EXISTS = select(TASKS.c.id).where(OWNED)
+DELETE_OWNED = static(delete(TASKS).where(OWNED).returning(TASKS.c.id))
+OWNED_EXISTS = static(select(TASKS.c.id).where(OWNED))
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,11 +95,11 @@ DEFAULT_LIST = ListOptions()
 
 
 async def list_tasks(
-    connection: AsyncConnection, owner_id: str, options: ListOptions
+    db: Database, owner_id: str, options: ListOptions
 ) -> tuple[Sequence[TaskRow], int]:
     """The owner's tasks as the options ask, and how many match before paging."""
     if options.is_default:
-        rows = (await connection.execute(LIST_NEWEST_FIRST, {"owner_id": owner_id})).all()
+        rows = await db.fetch_all(LIST_NEWEST_FIRST, {"owner_id": owner_id})
         return rows, len(rows)
     conditions: list[ColumnElement[bool]] = [TASKS.c.user_id == owner_id]
     if options.completed is not None:
@@ -102,28 +116,26 @@ async def list_tasks(
         statement = statement.limit(options.limit)
     if options.offset is not None:
         statement = statement.offset(options.offset)
-    rows = (await connection.execute(statement)).all()
+    rows = await db.fetch_all(statement)
     if options.limit is None and options.offset is None:
         return rows, len(rows)
-    total = await connection.scalar(select(func.count()).select_from(TASKS).where(*conditions))
+    total = await db.scalar(select(func.count()).select_from(TASKS).where(*conditions))
     return rows, int(total or 0)
 
 
-async def get_task(connection: AsyncConnection, owner_id: str, task_id: int) -> TaskRow | None:
-    result = await connection.execute(SELECT_OWNED, {"task_id": task_id, "owner_id": owner_id})
-    return result.first()
+async def get_task(db: Database, owner_id: str, task_id: int) -> TaskRow | None:
+    return await db.fetch_one(SELECT_OWNED, {"task_id": task_id, "owner_id": owner_id})
 
 
-async def create_task(
-    connection: AsyncConnection, owner_id: str, fields: dict[str, Any]
-) -> TaskRow:
-    now = utc_now()
-    values = {**fields, "user_id": owner_id, "created_at": now, "updated_at": now, "version": 1}
-    return (await connection.execute(INSERT_TASK, values)).one()
+async def create_task(db: Database, owner_id: str, fields: dict[str, Any]) -> TaskRow:
+    row = await db.fetch_one(INSERT_TASK, {**fields, "owner_id": owner_id, "now": utc_now()})
+    if row is None:  # INSERT … RETURNING always returns the row
+        raise RuntimeError("the inserted task was not returned")
+    return row
 
 
 async def change_task(
-    connection: AsyncConnection,
+    db: Database,
     owner_id: str,
     task_id: int,
     changes: dict[str, Any],
@@ -135,30 +147,34 @@ async def change_task(
     now = utc_now()
     parameters = {"task_id": task_id, "owner_id": owner_id, "now": now}
     if toggle and versions is None:
-        return (await connection.execute(TOGGLE_OWNED, parameters)).first()
+        return await db.fetch_one(TOGGLE_OWNED, parameters)
     statement = update(TASKS).where(OWNED)
     if versions is not None:
-        statement = statement.where(TASKS.c.version.in_(versions))
+        statement = statement.where(_version_is_one_of(versions))
     values: dict[str, Any] = {**changes, "updated_at": now, "version": TASKS.c.version + 1}
     if toggle:
         values["completed"] = not_(TASKS.c.completed)
-    result = await connection.execute(statement.values(values).returning(*COLUMNS), parameters)
-    return result.first()
+    return await db.fetch_one(statement.values(values).returning(*COLUMNS), parameters)
 
 
 async def delete_task(
-    connection: AsyncConnection, owner_id: str, task_id: int, versions: frozenset[int] | None
+    db: Database, owner_id: str, task_id: int, versions: frozenset[int] | None
 ) -> bool:
     statement = DELETE_OWNED
     if versions is not None:
-        statement = statement.where(TASKS.c.version.in_(versions))
-    result = await connection.execute(statement, {"task_id": task_id, "owner_id": owner_id})
-    return result.first() is not None
+        statement = statement.where(_version_is_one_of(versions))
+    deleted = await db.fetch_one(statement, {"task_id": task_id, "owner_id": owner_id})
+    return deleted is not None
 
 
-async def task_exists(connection: AsyncConnection, owner_id: str, task_id: int) -> bool:
-    found = await connection.scalar(OWNED_EXISTS, {"task_id": task_id, "owner_id": owner_id})
+async def task_exists(db: Database, owner_id: str, task_id: int) -> bool:
+    found = await db.scalar(OWNED_EXISTS, {"task_id": task_id, "owner_id": owner_id})
     return found is not None
+
+
+def _version_is_one_of(versions: frozenset[int]) -> ColumnElement[bool]:
+    # Plain comparisons rather than IN: no "expanding" parameter to render at compile time.
+    return or_(false(), *(TASKS.c.version == version for version in sorted(versions)))
 
 
 def public_task(row: TaskRow) -> dict[str, Any]:
@@ -169,8 +185,9 @@ def public_task(row: TaskRow) -> dict[str, Any]:
         "title": row.title,
         "description": row.description,
         "completed": row.completed,
-        "created_at": row.created_at,
-        "updated_at": row.updated_at,
+        # psycopg gives timestamptz in the session's time zone; the API speaks UTC.
+        "created_at": row.created_at.astimezone(UTC),
+        "updated_at": row.updated_at.astimezone(UTC),
     }
 
 

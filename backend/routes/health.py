@@ -4,7 +4,6 @@ import asyncio
 import logging
 
 from fastapi import APIRouter, Request, status
-from sqlalchemy import text
 
 from errors import DatabaseUnavailable
 from models import ErrorMessage
@@ -33,8 +32,7 @@ async def ready(request: Request) -> dict[str, str]:
         raise DatabaseUnavailable("The database schema is not ready yet; try again shortly.")
     try:
         async with asyncio.timeout(READINESS_TIMEOUT_SECONDS):
-            async with request.app.state.engine.connect() as connection:
-                await connection.execute(text("SELECT 1"))
+            await request.app.state.database.ping()
     except Exception as error:
         logger.warning("readiness check failed: %s", type(error).__name__)
         raise DatabaseUnavailable() from None

@@ -10,12 +10,11 @@ from typing import Annotated, Any, NoReturn
 
 from fastapi import APIRouter, Body, Depends, Header, Request, Response, status
 from sqlalchemy import ColumnElement, func
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 import queries
-from db import atomic
+from database import Database
 from dependencies import (
-    ConnectionDep,
+    DatabaseDep,
     ExpectedETags,
     IdempotencyKey,
     OwnedTask,
@@ -186,12 +185,12 @@ async def list_options(request: Request) -> ListOptions:
 )
 async def list_tasks(
     owner_id: OwnerId,
-    connection: ConnectionDep,
+    db: DatabaseDep,
     options: Annotated[ListOptions, Depends(list_options)],
     if_none_match: IfNoneMatch = None,
 ) -> Response:
     """List the user's tasks, newest first, optionally filtered, searched, sorted and paged."""
-    rows, total = await queries.list_tasks(connection, owner_id, options)
+    rows, total = await queries.list_tasks(db, owner_id, options)
     body = to_json([public_task(row) for row in rows])
     headers = {
         "X-Total-Count": str(total),
@@ -214,7 +213,7 @@ async def list_tasks(
 async def create_task(
     new_task: TaskCreate,
     owner_id: OwnerId,
-    connection: ConnectionDep,
+    db: DatabaseDep,
     request: Request,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
@@ -225,22 +224,21 @@ async def create_task(
     """
     fields = new_task.model_dump()
     if idempotency_key is None:
-        row = await queries.create_task(connection, owner_id, fields)
-        await connection.commit()
+        row = await queries.create_task(db, owner_id, fields)
         return json_response(
             to_json(public_task(row)), status.HTTP_201_CREATED, {"ETag": etag_for(row)}
         )
     ttl = request.app.state.settings.idempotency_key_ttl_seconds
-    async with atomic(connection):
+    async with db.atomic() as transaction:
         stored = await reserve_or_replay(
-            connection, owner_id, idempotency_key, request_fingerprint(fields), ttl
+            transaction, owner_id, idempotency_key, request_fingerprint(fields), ttl
         )
         if stored is not None:
             return json_response(stored.body, stored.status_code, {"Idempotent-Replayed": "true"})
-        row = await queries.create_task(connection, owner_id, fields)
+        row = await queries.create_task(transaction, owner_id, fields)
         body = to_json(public_task(row))
         await store_response(
-            connection, owner_id, idempotency_key, StoredResponse(status.HTTP_201_CREATED, body)
+            transaction, owner_id, idempotency_key, StoredResponse(status.HTTP_201_CREATED, body)
         )
     return json_response(body, status.HTTP_201_CREATED, {"ETag": etag_for(row)})
 
@@ -267,7 +265,7 @@ def _matches(etag: str, header: str) -> bool:
 
 
 async def _change_owned(
-    connection: AsyncConnection,
+    db: Database,
     task_id: int,
     owner_id: str,
     etags: frozenset[str] | None,
@@ -277,17 +275,16 @@ async def _change_owned(
 ) -> Response:
     """One UPDATE … RETURNING: ownership, If-Match and the change in a single statement."""
     versions = versions_allowed(etags, task_id)
-    row = await queries.change_task(connection, owner_id, task_id, changes, versions, toggle=toggle)
+    row = await queries.change_task(db, owner_id, task_id, changes, versions, toggle=toggle)
     if row is None:
-        await _raise_missing_or_changed(connection, task_id, owner_id, versions)
-    await connection.commit()
+        await _raise_missing_or_changed(db, task_id, owner_id, versions)
     return json_response(to_json(public_task(row)), headers={"ETag": etag_for(row)})
 
 
 async def _raise_missing_or_changed(
-    connection: AsyncConnection, task_id: int, owner_id: str, versions: frozenset[int] | None
+    db: Database, task_id: int, owner_id: str, versions: frozenset[int] | None
 ) -> NoReturn:
-    if versions is not None and await queries.task_exists(connection, owner_id, task_id):
+    if versions is not None and await queries.task_exists(db, owner_id, task_id):
         raise PreconditionFailed()
     raise TaskNotFound()
 
@@ -299,15 +296,13 @@ async def update_task(
     task_id: TaskId,
     owner_id: OwnerId,
     etags: ExpectedETags,
-    connection: ConnectionDep,
+    db: DatabaseDep,
 ) -> Response:
     """Change the fields present in the body; others keep their values (PUT and PATCH alike).
 
     Without `If-Match` the last write wins; with it, a task changed meanwhile gives 412.
     """
-    return await _change_owned(
-        connection, task_id, owner_id, etags, changes.model_dump(exclude_unset=True)
-    )
+    return await _change_owned(db, task_id, owner_id, etags, changes.model_dump(exclude_unset=True))
 
 
 @router.patch("/{task_id}/complete", response_model=TaskPublic, responses=WRITE_RESPONSES)
@@ -315,15 +310,13 @@ async def toggle_completion(
     task_id: TaskId,
     owner_id: OwnerId,
     etags: ExpectedETags,
-    connection: ConnectionDep,
+    db: DatabaseDep,
     change: Annotated[CompletionChange | None, Body()] = None,
 ) -> Response:
     """Toggle completion (no body or `{}`), or set it with `{"completed": true|false}`."""
     if change is None or change.completed is None:
-        return await _change_owned(connection, task_id, owner_id, etags, {}, toggle=True)
-    return await _change_owned(
-        connection, task_id, owner_id, etags, {"completed": change.completed}
-    )
+        return await _change_owned(db, task_id, owner_id, etags, {}, toggle=True)
+    return await _change_owned(db, task_id, owner_id, etags, {"completed": change.completed})
 
 
 @router.delete(
@@ -333,10 +326,9 @@ async def toggle_completion(
     responses=WRITE_RESPONSES,
 )
 async def delete_task(
-    task_id: TaskId, owner_id: OwnerId, etags: ExpectedETags, connection: ConnectionDep
+    task_id: TaskId, owner_id: OwnerId, etags: ExpectedETags, db: DatabaseDep
 ) -> None:
     """Delete one of the user's tasks."""
     versions = versions_allowed(etags, task_id)
-    if not await queries.delete_task(connection, owner_id, task_id, versions):
-        await _raise_missing_or_changed(connection, task_id, owner_id, versions)
-    await connection.commit()
+    if not await queries.delete_task(db, owner_id, task_id, versions):
+        await _raise_missing_or_changed(db, task_id, owner_id, versions)

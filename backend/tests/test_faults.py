@@ -44,9 +44,13 @@ async def sessions_waiting_on_locks(url: str, until: Callable[[int], bool]) -> i
 
 
 async def test_connections_killed_while_idle_are_replaced_unseen(postgres_url: str) -> None:
-    """What a Neon suspend or a pooler restart does to the app's idle pooled connections."""
+    """What a Neon suspend or a pooler restart does to the app's idle pooled connections.
+
+    A connection idle longer than DATABASE_PING_IDLE_SECONDS is pinged before use; one that was
+    just working is not (a busy server would pay a round trip per request for nothing).
+    """
     user = f"user-{uuid.uuid4().hex}"
-    async with running_app(database_url=postgres_url) as client:
+    async with running_app(database_url=postgres_url, database_ping_idle_seconds=0.2) as client:
         warm = await asyncio.gather(
             *(client.get(tasks_url(user), headers=auth(user)) for _ in range(8))
         )
@@ -59,6 +63,7 @@ async def test_connections_killed_while_idle_are_replaced_unseen(postgres_url: s
             row = await killed.fetchone()
             assert row is not None
             assert row[0] >= 1
+        await asyncio.sleep(0.5)  # idle, as pooled connections are when Neon suspends
         after = await asyncio.gather(
             *(
                 client.post(tasks_url(user), json={"title": f"t{n}"}, headers=auth(user))
