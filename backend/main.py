@@ -114,8 +114,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.token_verifier = build_token_verifier(settings, app.state.auth_http)
     # Trailing slashes are answered by TrailingSlashMiddleware, never redirected.
     app.router.redirect_slashes = False
-    app.include_router(health.router)
+    # The task routes first: routing tries routes in order, and they take nearly all requests.
     app.include_router(tasks.router)
+    app.include_router(health.router)
 
     app.add_exception_handler(APIError, handle_api_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, handle_validation_error)  # type: ignore[arg-type]

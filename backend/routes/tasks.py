@@ -14,13 +14,12 @@ from sqlalchemy import ColumnElement, func
 import queries
 from database import Database
 from dependencies import (
-    DatabaseDep,
     ExpectedETags,
     IdempotencyKey,
     OwnedTask,
     OwnerId,
     TaskId,
-    enforce_rate_limit,
+    database,
     versions_allowed,
 )
 from errors import PreconditionFailed, TaskNotFound
@@ -60,7 +59,6 @@ router = APIRouter(
     tags=["tasks"],
     route_class=JSONBodyRoute,
     responses=COMMON_RESPONSES,
-    dependencies=[Depends(enforce_rate_limit)],
 )
 
 PENDING_WORDS = {"pending", "incomplete", "active", "open", "todo"}
@@ -185,12 +183,12 @@ async def list_options(request: Request) -> ListOptions:
 )
 async def list_tasks(
     owner_id: OwnerId,
-    db: DatabaseDep,
+    request: Request,
     options: Annotated[ListOptions, Depends(list_options)],
     if_none_match: IfNoneMatch = None,
 ) -> Response:
     """List the user's tasks, newest first, optionally filtered, searched, sorted and paged."""
-    rows, total = await queries.list_tasks(db, owner_id, options)
+    rows, total = await queries.list_tasks(database(request), owner_id, options)
     body = to_json([public_task(row) for row in rows])
     headers = {
         "X-Total-Count": str(total),
@@ -213,7 +211,6 @@ async def list_tasks(
 async def create_task(
     new_task: TaskCreate,
     owner_id: OwnerId,
-    db: DatabaseDep,
     request: Request,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
@@ -224,12 +221,12 @@ async def create_task(
     """
     fields = new_task.model_dump()
     if idempotency_key is None:
-        row = await queries.create_task(db, owner_id, fields)
+        row = await queries.create_task(database(request), owner_id, fields)
         return json_response(
             to_json(public_task(row)), status.HTTP_201_CREATED, {"ETag": etag_for(row)}
         )
     ttl = request.app.state.settings.idempotency_key_ttl_seconds
-    async with db.atomic() as transaction:
+    async with database(request).atomic() as transaction:
         stored = await reserve_or_replay(
             transaction, owner_id, idempotency_key, request_fingerprint(fields), ttl
         )
@@ -296,13 +293,15 @@ async def update_task(
     task_id: TaskId,
     owner_id: OwnerId,
     etags: ExpectedETags,
-    db: DatabaseDep,
+    request: Request,
 ) -> Response:
     """Change the fields present in the body; others keep their values (PUT and PATCH alike).
 
     Without `If-Match` the last write wins; with it, a task changed meanwhile gives 412.
     """
-    return await _change_owned(db, task_id, owner_id, etags, changes.model_dump(exclude_unset=True))
+    return await _change_owned(
+        database(request), task_id, owner_id, etags, changes.model_dump(exclude_unset=True)
+    )
 
 
 @router.patch("/{task_id}/complete", response_model=TaskPublic, responses=WRITE_RESPONSES)
@@ -310,13 +309,15 @@ async def toggle_completion(
     task_id: TaskId,
     owner_id: OwnerId,
     etags: ExpectedETags,
-    db: DatabaseDep,
+    request: Request,
     change: Annotated[CompletionChange | None, Body()] = None,
 ) -> Response:
     """Toggle completion (no body or `{}`), or set it with `{"completed": true|false}`."""
     if change is None or change.completed is None:
-        return await _change_owned(db, task_id, owner_id, etags, {}, toggle=True)
-    return await _change_owned(db, task_id, owner_id, etags, {"completed": change.completed})
+        return await _change_owned(database(request), task_id, owner_id, etags, {}, toggle=True)
+    return await _change_owned(
+        database(request), task_id, owner_id, etags, {"completed": change.completed}
+    )
 
 
 @router.delete(
@@ -326,9 +327,10 @@ async def toggle_completion(
     responses=WRITE_RESPONSES,
 )
 async def delete_task(
-    task_id: TaskId, owner_id: OwnerId, etags: ExpectedETags, db: DatabaseDep
+    task_id: TaskId, owner_id: OwnerId, etags: ExpectedETags, request: Request
 ) -> None:
     """Delete one of the user's tasks."""
     versions = versions_allowed(etags, task_id)
+    db = database(request)
     if not await queries.delete_task(db, owner_id, task_id, versions):
         await _raise_missing_or_changed(db, task_id, owner_id, versions)
