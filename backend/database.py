@@ -19,7 +19,7 @@ from typing import Any, Protocol, TypeVar
 from weakref import WeakKeyDictionary
 
 from psycopg import AsyncConnection
-from psycopg.rows import namedtuple_row
+from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
 from sqlalchemy import Select, literal_column, select
 from sqlalchemy.dialects.postgresql.psycopg import PGDialectAsync_psycopg
@@ -44,7 +44,7 @@ _static_statements: set[int] = set()
 
 
 class Database(Protocol):
-    """Rows are read by column name (`row.id`); datetimes are timezone-aware."""
+    """Rows are tuples in the statement's column order; datetimes are timezone-aware."""
 
     dialect: str
 
@@ -98,7 +98,7 @@ class PostgresDatabase:
                 # Server-side prepared statements do not survive a transaction-mode pooler.
                 "prepare_threshold": None,
                 "connect_timeout": settings.database_connect_timeout_seconds,
-                "row_factory": namedtuple_row,
+                "row_factory": tuple_row,
             },
             min_size=1,
             max_size=settings.database_pool_size + settings.database_max_overflow,

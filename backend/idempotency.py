@@ -67,11 +67,12 @@ async def reserve_or_replay(
     )
     # Reserved and answered in one transaction, so never seen half-done; but a key can expire
     # and be deleted between the insert and this read.
-    if record is None or record.status_code == 0:
+    if record is None or record[1] == 0:
         raise IdempotencyKeyInProgress()
-    if record.request_hash != fingerprint:
+    request_hash, status_code, response_body = record
+    if request_hash != fingerprint:
         raise IdempotencyKeyReused()
-    return StoredResponse(record.status_code, record.response_body.encode())
+    return StoredResponse(status_code, response_body.encode())
 
 
 async def store_response(db: Database, owner_id: str, key: str, response: StoredResponse) -> None:

@@ -2,8 +2,9 @@
 
 import asyncio
 import logging
+import itertools
+import os
 import time
-import uuid
 
 import orjson
 from fastapi import status
@@ -105,7 +106,7 @@ class RequestLogMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _caller_request_id(scope) or uuid.uuid4().hex
+        request_id = _caller_request_id(scope) or _new_request_id()
         private = scope["path"].startswith("/api/")
         started = time.perf_counter()
         status_code = 500
@@ -212,6 +213,15 @@ def _raised_at(error: BaseException) -> str:
         traceback = traceback.tb_next
     code = traceback.tb_frame.f_code
     return f"{code.co_filename.rsplit('/', 1)[-1]}:{traceback.tb_lineno} in {code.co_name}"
+
+
+# A random prefix per process and a counter: unique, and cheaper than a uuid4 per request.
+_REQUEST_ID_PREFIX = os.urandom(8).hex()
+_request_numbers = itertools.count()
+
+
+def _new_request_id() -> str:
+    return f"{_REQUEST_ID_PREFIX}{next(_request_numbers):016x}"
 
 
 def _caller_request_id(scope: Scope) -> str | None:
