@@ -1,8 +1,8 @@
 """Pure ASGI middleware: cheap on every request, unlike `BaseHTTPMiddleware`."""
 
 import asyncio
-import logging
 import itertools
+import logging
 import os
 import time
 
