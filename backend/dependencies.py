@@ -1,4 +1,4 @@
-"""The vocabulary routes are written in: `OwnerId`, `OwnedTask`, `TaskId`, `ExpectedETags`, …
+"""The vocabulary routes are written in: `OwnerId`, `TaskId`, `ExpectedETags`, `IdempotencyKey`.
 
 Authentication errors become 401 and a path that names another user becomes 403 here, once, so
 no route repeats an ownership check.
@@ -11,7 +11,6 @@ from typing import Annotated
 from fastapi import Depends, Header, Path, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-import queries
 from auth.jwt import InvalidToken, TokenVerifier, VerificationUnavailable
 from config import Settings
 from database import Database
@@ -19,7 +18,6 @@ from errors import (
     AuthUnavailable,
     InvalidCredentials,
     NotAuthenticated,
-    TaskNotFound,
     TooManyRequests,
     WrongUser,
 )
@@ -154,17 +152,6 @@ IdempotencyKey = Annotated[
         description="Retries with the same key and body return the first response, creating once.",
     ),
 ]
-
-
-async def get_owned_task(request: Request, task_id: TaskId, owner_id: OwnerId) -> queries.TaskRow:
-    """The task with this id if the owner has it; another user's task is simply not found."""
-    task = await queries.get_task(database(request), owner_id, task_id)
-    if task is None:
-        raise TaskNotFound()
-    return task
-
-
-OwnedTask = Annotated[queries.TaskRow, Depends(get_owned_task)]
 
 
 async def check_access(request: Request) -> None:
