@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar
 from weakref import WeakKeyDictionary
 
 from psycopg import AsyncConnection
+from psycopg.conninfo import make_conninfo
 from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
 from sqlalchemy import Select, literal_column, select
@@ -82,6 +83,22 @@ class Pinger:
             await connection.execute("")
 
 
+def psycopg_conninfo(url: URL) -> str:
+    """libpq keywords from the URL, its query parameters (sslmode, channel_binding, options…)
+    passed as they are. Not the URL re-rendered: that would write a space as "+", which libpq
+    does not read back as a space."""
+    keywords: dict[str, Any] = {
+        "host": url.host,
+        "port": url.port,
+        "dbname": url.database,
+        "user": url.username,
+        "password": url.password,
+    }
+    for name, value in url.query.items():
+        keywords[name] = value[-1] if isinstance(value, tuple) else value
+    return make_conninfo(**{name: value for name, value in keywords.items() if value is not None})
+
+
 class PostgresDatabase:
     dialect = "postgresql"
 
@@ -89,7 +106,7 @@ class PostgresDatabase:
         self.statement_timeout_ms = settings.database_statement_timeout_ms
         self._compiled: dict[int, tuple[str, dict[str, Any]]] = {}
         pinger = Pinger(settings.database_ping_idle_seconds)
-        conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        conninfo = psycopg_conninfo(url)
         self.pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
             conninfo,
             connection_class=AsyncConnection[Any],

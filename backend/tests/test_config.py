@@ -130,3 +130,22 @@ async def test_libpq_parameters_in_the_url_reach_the_server(postgres_url: str) -
     finally:
         await engine.dispose()
     assert name == "todo-url-test"
+
+
+async def test_timestamps_are_utc_whatever_the_session_time_zone(postgres_url: str) -> None:
+    """A server or role set to another time zone must not shift what the API says."""
+    from datetime import UTC, datetime
+
+    from tests.support import auth, running_app
+
+    url = f"{postgres_url}?options=-c%20TimeZone%3DPacific/Auckland"
+    async with running_app(database_url=url) as client:
+        before = datetime.now(UTC)
+        created = await client.post(
+            "/api/tz-user/tasks", json={"title": "t"}, headers=auth("tz-user")
+        )
+        listed = await client.get("/api/tz-user/tasks", headers=auth("tz-user"))
+    for task in (created.json(), listed.json()[0]):
+        assert task["created_at"].endswith("Z")
+        stamp = datetime.fromisoformat(task["created_at"])
+        assert abs((stamp - before).total_seconds()) < 60
