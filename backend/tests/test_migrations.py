@@ -4,7 +4,7 @@ import asyncio
 import os
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -25,13 +25,19 @@ SCHEMA_TABLES = {"tasks", "idempotency_keys", "alembic_version"}
 
 
 @pytest.fixture
-async def empty_database_url(
+def empty_database_url(
     backend: str, request: pytest.FixtureRequest, tmp_path: object
-) -> AsyncIterator[str]:
+) -> Iterator[str]:
     if backend == "sqlite":
         yield f"sqlite:///{tmp_path}/migrations.db"
         return
-    request.getfixturevalue("postgres_url")  # skips or fails, as for every PostgreSQL test
+    yield request.getfixturevalue("empty_postgres_url")
+
+
+@pytest.fixture
+def empty_postgres_url(postgres_url: str) -> Iterator[str]:
+    """A database of its own, with no tables (postgres_url skips or fails as for every
+    PostgreSQL test)."""
     admin_url = os.environ.get("TEST_DATABASE_URL", DEFAULT_ADMIN_URL)
     name = f"todo_migrations_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(admin_url, autocommit=True) as admin:
@@ -103,12 +109,11 @@ async def waiting_on_the_lock(connection: AsyncConnection, expected: int) -> boo
     return False
 
 
-async def test_an_upgrade_waits_for_one_already_running(
-    backend: str, empty_database_url: str
-) -> None:
-    """Instances starting together take turns: one migrates, the others then find it done."""
-    if backend != "postgresql":
-        pytest.skip("several instances share one database only on PostgreSQL")
+async def test_an_upgrade_waits_for_one_already_running(empty_postgres_url: str) -> None:
+    """Instances starting together take turns: one migrates, the others then find it done.
+
+    PostgreSQL only: it is where several instances share one database."""
+    empty_database_url = empty_postgres_url
     engine = create_engine(make_settings(database_url=empty_database_url))
     environment = {**os.environ, "DATABASE_URL": empty_database_url, "ENVIRONMENT": "test"}
     try:
