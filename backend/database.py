@@ -99,7 +99,18 @@ def psycopg_conninfo(url: URL) -> str:
     return make_conninfo(**{name: value for name, value in keywords.items() if value is not None})
 
 
-class PostgresDatabase:
+class _Statements:
+    """`scalar` on top of `fetch_one`, for every way of running statements."""
+
+    async def fetch_one(self, statement: Executable, parameters: Parameters = None) -> Any | None:
+        raise NotImplementedError
+
+    async def scalar(self, statement: Executable, parameters: Parameters = None) -> Any:
+        row = await self.fetch_one(statement, parameters)
+        return None if row is None else row[0]
+
+
+class PostgresDatabase(_Statements):
     dialect = "postgresql"
 
     def __init__(self, url: URL, settings: Settings) -> None:
@@ -163,10 +174,6 @@ class PostgresDatabase:
         async with self.pool.connection() as connection:
             return await (await connection.execute(sql, values)).fetchone()
 
-    async def scalar(self, statement: Executable, parameters: Parameters = None) -> Any:
-        row = await self.fetch_one(statement, parameters)
-        return None if row is None else row[0]
-
     @asynccontextmanager
     async def atomic(self) -> AsyncIterator[Database]:
         async with self.pool.connection() as connection, connection.transaction():
@@ -181,7 +188,7 @@ class PostgresDatabase:
             await connection.execute("SELECT 1")
 
 
-class _PsycopgTransaction:
+class _PsycopgTransaction(_Statements):
     """The statements of one `atomic()` block, on its connection."""
 
     dialect = "postgresql"
@@ -200,15 +207,11 @@ class _PsycopgTransaction:
         sql, values = self._database.compile(statement, parameters)
         return await (await self._connection.execute(sql, values)).fetchone()
 
-    async def scalar(self, statement: Executable, parameters: Parameters = None) -> Any:
-        row = await self.fetch_one(statement, parameters)
-        return None if row is None else row[0]
-
     def atomic(self) -> AbstractAsyncContextManager[Database]:
         raise RuntimeError("already in a transaction")
 
 
-class SQLAlchemyDatabase:
+class SQLAlchemyDatabase(_Statements):
     """The embedded SQLite database, through the SQLAlchemy engine; each call commits."""
 
     dialect = "sqlite"
@@ -236,10 +239,6 @@ class SQLAlchemyDatabase:
             await connection.commit()
         return row
 
-    async def scalar(self, statement: Executable, parameters: Parameters = None) -> Any:
-        row = await self.fetch_one(statement, parameters)
-        return None if row is None else row[0]
-
     @asynccontextmanager
     async def atomic(self) -> AsyncIterator[Database]:
         async with self.engine.begin() as connection:
@@ -249,7 +248,7 @@ class SQLAlchemyDatabase:
         await self.scalar(SELECT_ONE)
 
 
-class _SQLAlchemyTransaction:
+class _SQLAlchemyTransaction(_Statements):
     dialect = "sqlite"
 
     def __init__(self, connection: SQLAlchemyConnection) -> None:
@@ -262,10 +261,6 @@ class _SQLAlchemyTransaction:
 
     async def fetch_one(self, statement: Executable, parameters: Parameters = None) -> Any | None:
         return (await self._connection.execute(statement, dict(parameters or {}))).first()
-
-    async def scalar(self, statement: Executable, parameters: Parameters = None) -> Any:
-        row = await self.fetch_one(statement, parameters)
-        return None if row is None else row[0]
 
     def atomic(self) -> AbstractAsyncContextManager[Database]:
         raise RuntimeError("already in a transaction")

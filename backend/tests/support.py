@@ -1,12 +1,16 @@
 """Shared test helpers: real HS256 tokens, settings that ignore the developer's own .env, and
 an app of its own for tests that need settings of their own."""
 
+import os
 import socket
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
+import httpx
 import jwt
 from httpx import ASGITransport, AsyncClient
 
@@ -77,3 +81,40 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
     return port
+
+
+@contextmanager
+def uvicorn_server(database_url: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """The app under uvicorn in its own process, as production runs it; its base URL once
+    /health answers. Killed at the end if still running."""
+    from config import BACKEND_DIR
+
+    port = free_port()
+    environment = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "BETTER_AUTH_SECRET": TEST_SECRET,
+        "ENVIRONMENT": "test",
+        "RATE_LIMIT_PER_SECOND": "0",
+        "LOG_LEVEL": "ERROR",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "main:app", "--port", str(port), "--loop", "uvloop"],
+        cwd=BACKEND_DIR,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{base_url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        yield process, base_url
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -2,12 +2,10 @@
 two instances sharing one database."""
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -16,10 +14,9 @@ import pytest
 from httpx import AsyncClient
 from sqlalchemy import text
 
-from config import BACKEND_DIR
 from db import atomic
 from tests.jwks_server import silent_listener
-from tests.support import TEST_SECRET, auth, free_port, running_app
+from tests.support import auth, running_app, uvicorn_server
 
 
 def tasks_url(user_id: str) -> str:
@@ -166,40 +163,9 @@ async def test_two_instances_create_once_for_one_idempotency_key(postgres_url: s
 
 
 @pytest.fixture
-async def server(
-    postgres_url: str, tmp_path: Path
-) -> AsyncIterator[tuple[subprocess.Popen[bytes], str]]:
-    """The app under uvicorn in its own process, as production runs it."""
-    port = free_port()
-    environment = {
-        **os.environ,
-        "DATABASE_URL": postgres_url,
-        "BETTER_AUTH_SECRET": TEST_SECRET,
-        "ENVIRONMENT": "test",
-        "RATE_LIMIT_PER_SECOND": "0",
-        "LOG_LEVEL": "WARNING",
-    }
-    process = subprocess.Popen(  # noqa: ASYNC220  (returns at once; the fixture owns it)
-        [sys.executable, "-m", "uvicorn", "main:app", "--port", str(port), "--loop", "uvloop"],
-        cwd=BACKEND_DIR,
-        env=environment,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        async with httpx.AsyncClient(base_url=base_url) as http:
-            for _ in range(200):
-                try:
-                    if (await http.get("/health")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    await asyncio.sleep(0.05)
-        yield process, base_url
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+def server(postgres_url: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    with uvicorn_server(postgres_url) as running:
+        yield running
 
 
 async def test_sigterm_lets_in_flight_requests_finish_and_commit(

@@ -4,23 +4,17 @@ Every generated request, valid or not, must get a documented status, a response 
 documented schema and content type, and never a 5xx.
 """
 
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis import checks
 from schemathesis.generation.case import Case
 
-from config import BACKEND_DIR
 from main import create_app
-from tests.support import ALICE, TEST_SECRET, free_port, make_settings, make_token
+from tests.support import ALICE, make_settings, make_token, uvicorn_server
 
 CHECKS = [
     checks.not_a_server_error,
@@ -32,34 +26,8 @@ CHECKS = [
 
 @pytest.fixture(scope="module")
 def api_base_url(postgres_url: str) -> Iterator[str]:
-    port = free_port()
-    environment = {
-        **os.environ,
-        "DATABASE_URL": postgres_url,
-        "BETTER_AUTH_SECRET": TEST_SECRET,
-        "ENVIRONMENT": "test",
-        "RATE_LIMIT_PER_SECOND": "0",
-        "LOG_LEVEL": "ERROR",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "main:app", "--port", str(port)],
-        cwd=BACKEND_DIR,
-        env=environment,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{base_url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.05)
+    with uvicorn_server(postgres_url) as (_, base_url):
         yield base_url
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
 
 
 # The document the server publishes, taken from the app itself at collection time.
