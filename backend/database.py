@@ -74,7 +74,9 @@ class Pinger:
         self.idle_seconds = idle_seconds
         self._returned_at: WeakKeyDictionary[AsyncConnection[Any], float] = WeakKeyDictionary()
 
-    async def returned(self, connection: AsyncConnection[Any]) -> None:
+    def returned(self, connection: AsyncConnection[Any]) -> None:
+        # Noted by the code that used the connection, not in the pool's `reset` callback: with
+        # one, the pool hands every returned connection through its worker tasks.
         self._returned_at[connection] = time.monotonic()
 
     async def check(self, connection: AsyncConnection[Any]) -> None:
@@ -116,7 +118,7 @@ class PostgresDatabase(_Statements):
     def __init__(self, url: URL, settings: Settings) -> None:
         self.statement_timeout_ms = settings.database_statement_timeout_ms
         self._compiled: dict[int, tuple[str, dict[str, Any]]] = {}
-        pinger = Pinger(settings.database_ping_idle_seconds)
+        self._pinger = pinger = Pinger(settings.database_ping_idle_seconds)
         conninfo = psycopg_conninfo(url)
         self.pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
             conninfo,
@@ -135,7 +137,6 @@ class PostgresDatabase(_Statements):
             max_idle=60,
             max_lifetime=240,
             check=pinger.check,
-            reset=pinger.returned,
             open=False,
             name="todo",
         )
@@ -167,12 +168,16 @@ class PostgresDatabase(_Statements):
     ) -> Sequence[Any]:
         sql, values = self.compile(statement, parameters)
         async with self.pool.connection() as connection:
-            return await (await connection.execute(sql, values)).fetchall()
+            rows = await (await connection.execute(sql, values)).fetchall()
+        self._pinger.returned(connection)
+        return rows
 
     async def fetch_one(self, statement: Executable, parameters: Parameters = None) -> Any | None:
         sql, values = self.compile(statement, parameters)
         async with self.pool.connection() as connection:
-            return await (await connection.execute(sql, values)).fetchone()
+            row = await (await connection.execute(sql, values)).fetchone()
+        self._pinger.returned(connection)
+        return row
 
     @asynccontextmanager
     async def atomic(self) -> AsyncIterator[Database]:
@@ -182,6 +187,7 @@ class PostgresDatabase(_Statements):
                     f"SET LOCAL statement_timeout = {int(self.statement_timeout_ms)}"
                 )
             yield _PsycopgTransaction(self, connection)
+        self._pinger.returned(connection)
 
     async def ping(self) -> None:
         async with self.pool.connection() as connection:

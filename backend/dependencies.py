@@ -25,6 +25,7 @@ from models import IDEMPOTENCY_KEY_MAX_LENGTH, TASK_ID_MAX, TASK_ID_MIN
 from ratelimit import RateLimiter
 
 logger = logging.getLogger("todo.auth")
+MAX_VERSION = 2**31 - 1  # the version column is a 32-bit integer
 
 bearer_scheme = HTTPBearer(
     auto_error=False,
@@ -136,7 +137,9 @@ def versions_allowed(etags: frozenset[str] | None, task_id: int) -> frozenset[in
         if not (len(etag) > 2 and etag[0] == etag[-1] == '"'):
             continue
         task_part, _, version = etag[1:-1].partition(".")
-        if task_part == str(task_id) and version.isascii() and version.isdigit():
+        # A version the column cannot hold matches nothing (and must not reach the database).
+        fits = version.isascii() and version.isdigit() and len(version) <= 10
+        if task_part == str(task_id) and fits and int(version) <= MAX_VERSION:
             versions.add(int(version))
     return frozenset(versions)
 

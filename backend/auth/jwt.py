@@ -372,11 +372,13 @@ class JWKSCache:
         if cache_key not in self._key_objects:
             try:
                 self._key_objects[cache_key] = jwt.PyJWK(dict(candidates[0].jwk), algorithm).key
-            except jwt.PyJWTError:
-                return None
+            except (jwt.PyJWTError, TypeError, ValueError):
+                return None  # a malformed published key verifies nothing
         return self._key_objects[cache_key]
 
     def _refresh_in_background(self) -> None:
+        if time.monotonic() - self._last_attempt < self._cooldown:
+            return  # a recent attempt failed or is running: keep serving the keys we have
         if self._background is None or self._background.done():
             self._background = asyncio.create_task(self._refresh(wait_for_cooldown=False))
 
@@ -437,7 +439,10 @@ def parse_jwks(document: bytes) -> list[PublishedKey]:
     for entry in entries:
         if not isinstance(entry, dict):
             continue
-        algorithms = algorithms_for_jwk(entry)
+        try:
+            algorithms = algorithms_for_jwk(entry)
+        except TypeError:  # e.g. an "alg" that is not a string
+            continue
         kid = entry.get("kid")
         if algorithms and (kid is None or isinstance(kid, str)):
             keys.append(PublishedKey(kid=kid, algorithms=algorithms, jwk=entry))

@@ -78,10 +78,11 @@ def _first(*values: str | None) -> str | None:
 
 
 def _non_negative(value: str | None) -> int | None:
-    # isdigit() alone accepts "²" and "①", which int() does not.
+    # isdigit() alone accepts "²" and "①", which int() does not; and int() refuses strings of
+    # over 4,300 digits, which are beyond any page anyway.
     if value is None or not (value.isascii() and value.isdigit()):
         return None
-    return min(int(value), MAX_PAGE_NUMBER)
+    return MAX_PAGE_NUMBER if len(value) > 10 else min(int(value), MAX_PAGE_NUMBER)
 
 
 def _completed_filter(status_value: str | None, completed_value: str | None) -> bool | None:

@@ -295,3 +295,20 @@ async def test_a_kid_that_is_not_a_string_is_refused(jwks: JWKSServer, client: A
     header = b64url(json.dumps({"alg": "EdDSA", "kid": 7}).encode())
     token = f"{header}.{payload}.{signature}"
     assert (await client.get(f"/api/{ALICE}/tasks", headers=bearer(token))).status_code == 401
+
+
+async def test_malformed_published_keys_are_skipped(jwks: JWKSServer, client: AsyncClient) -> None:
+    good = SigningKey.generate("EdDSA")
+    rsa_key = SigningKey.generate("RS256")
+    broken_rsa = {**rsa_key.public_jwk(), "n": 12345}
+    jwks.keys = [
+        {"kty": "OKP", "crv": "Ed25519", "x": "AAAA", "kid": "list-alg", "alg": ["EdDSA"]},
+        broken_rsa,
+        "not an object",  # type: ignore[list-item]
+        good.public_jwk(),
+    ]
+    assert (
+        await client.get(f"/api/{ALICE}/tasks", headers=bearer(signed_by(jwks, good)))
+    ).status_code == 200
+    forged = signed_by(jwks, rsa_key)  # its published key is broken: verifies nothing
+    assert (await client.get(f"/api/{ALICE}/tasks", headers=bearer(forged))).status_code == 401

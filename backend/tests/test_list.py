@@ -510,3 +510,13 @@ async def test_digit_like_characters_in_paging_are_ignored(
     assert response.status_code == 200, response.text
     assert [task["id"] for task in response.json()] == five
     assert response.headers["X-Total-Count"] == "5"
+
+
+@pytest.mark.parametrize("name", ["limit", "offset", "skip"])
+async def test_a_page_number_of_thousands_of_digits_is_not_an_error(
+    client: AsyncClient, name: str
+) -> None:
+    await create(client, "only")
+    response = await client.get(tasks_url(), params={name: "9" * 5000}, headers=auth())
+    assert response.status_code == 200
+    assert response.headers["X-Total-Count"] == "1"

@@ -347,3 +347,17 @@ def test_production_logs_are_json_lines() -> None:
     assert line["status"] == 200
     assert line["request_id"] == "abc"
     assert line["time"].endswith("+00:00")
+
+
+@pytest.mark.parametrize("version", ["3000000000", "99999999999999999999", "9" * 5000])
+async def test_an_if_match_version_beyond_the_column_is_412_not_an_error(
+    client: AsyncClient, version: str
+) -> None:
+    created = await client.post(tasks_url(), json={"title": "t"}, headers=auth())
+    task_id = created.json()["id"]
+    url = tasks_url(suffix=f"/{task_id}")
+    header = {**auth(), "If-Match": f'"{task_id}.{version}"'}
+    assert (await client.put(url, json={"title": "x"}, headers=header)).status_code == 412
+    assert (await client.delete(url, headers=header)).status_code == 412
+    missing = tasks_url(suffix="/987654321")
+    assert (await client.put(missing, json={"title": "x"}, headers=header)).status_code == 404
