@@ -1,7 +1,5 @@
 """The async engine, its sessions, and the database URL normalisation."""
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +7,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, make_url
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from config import BACKEND_DIR, Settings
 
@@ -71,16 +69,16 @@ def create_engine(settings: Settings, url: URL | None = None) -> AsyncEngine:
     url = url or database_url(settings)
     if url.get_backend_name() == "sqlite":
         return _create_sqlite_engine(url)
-    engine = create_async_engine(
+    # On PostgreSQL this engine runs the migrations (and the hourly key purge), each in a real
+    # transaction: DDL all or nothing, the migration lock held to the end. Requests run on the
+    # psycopg pool in database.py, with their own statement timeout.
+    return create_async_engine(
         url,
-        # A request is one statement, and a statement is its own transaction: no BEGIN, COMMIT
-        # or ROLLBACK round trips. `atomic()` opens a real transaction where several must agree.
-        isolation_level="AUTOCOMMIT",
         pool_pre_ping=True,
         # Neon suspends idle computes after five minutes and its pooler drops idle clients.
         pool_recycle=240,
-        pool_size=settings.database_pool_size,
-        max_overflow=settings.database_max_overflow,
+        pool_size=2,
+        max_overflow=2,
         pool_timeout=settings.database_pool_timeout_seconds,
         connect_args={
             # Server-side prepared statements do not survive a transaction-mode pooler.
@@ -88,18 +86,6 @@ def create_engine(settings: Settings, url: URL | None = None) -> AsyncEngine:
             "connect_timeout": settings.database_connect_timeout_seconds,
         },
     )
-    if settings.database_statement_timeout_ms:
-        timeout = f"SET LOCAL statement_timeout = {int(settings.database_statement_timeout_ms)}"
-
-        # Per transaction: a pooler in transaction mode rejects session settings at start-up
-        # and would carry a plain SET over to another client. A single statement in autocommit
-        # is bounded by the request deadline instead, which cancels it on the server.
-        @event.listens_for(engine.sync_engine, "begin")
-        def limit_statement_time(connection: Connection) -> None:
-            if not connection.connection.driver_connection.autocommit:  # type: ignore[union-attr]
-                connection.exec_driver_sql(timeout)
-
-    return engine
 
 
 def _create_sqlite_engine(url: URL) -> AsyncEngine:
@@ -123,19 +109,6 @@ def _create_sqlite_engine(url: URL) -> AsyncEngine:
 
 def _unicode_lower(value: object) -> object:
     return value.lower() if isinstance(value, str) else value
-
-
-@asynccontextmanager
-async def atomic(connection: AsyncConnection) -> AsyncIterator[None]:
-    """Run the block's statements as one transaction, committed at the end or rolled back.
-
-    On PostgreSQL this leaves autocommit for the block (the `begin` event then sets the
-    statement timeout); the pool restores autocommit when the connection goes back.
-    """
-    if connection.dialect.name == "postgresql":
-        await connection.execution_options(isolation_level="READ COMMITTED")
-    async with connection.begin():
-        yield
 
 
 def alembic_config() -> AlembicConfig:

@@ -14,7 +14,6 @@ import pytest
 from httpx import AsyncClient
 from sqlalchemy import text
 
-from db import atomic
 from tests.jwks_server import silent_listener
 from tests.support import auth, running_app, uvicorn_server
 
@@ -109,11 +108,23 @@ async def test_the_app_starts_with_the_database_down(tmp_path: Path) -> None:
 async def test_statement_timeout_is_set_per_transaction(postgres_url: str) -> None:
     async with running_app(database_url=postgres_url, database_statement_timeout_ms=300) as client:
         app = client._transport.app  # type: ignore[attr-defined]
-        async with app.state.engine.connect() as connection, atomic(connection):
-            setting = await connection.scalar(text("SHOW statement_timeout"))
-            assert setting == "300ms"
-            with pytest.raises(Exception, match="statement timeout"):
-                await connection.execute(text("SELECT pg_sleep(2)"))
+        async with app.state.database.atomic() as transaction:
+            assert await transaction.scalar(text("SHOW statement_timeout")) == "300ms"
+            with pytest.raises(psycopg.errors.QueryCanceled, match="statement timeout"):
+                await transaction.scalar(text("SELECT pg_sleep(2)"))
+
+
+async def test_migrations_at_start_up_run_in_one_transaction(postgres_url: str) -> None:
+    """The engine that migrates is not in autocommit: a transaction-scoped lock taken in it (as
+    migrations/env.py takes the migration lock) is held until the block ends."""
+    async with running_app(database_url=postgres_url) as client:
+        app = client._transport.app  # type: ignore[attr-defined]
+        async with app.state.engine.begin() as connection:
+            await connection.execute(text("SELECT pg_advisory_xact_lock(424242)"))
+            await connection.execute(text("SELECT 1"))
+            async with await psycopg.AsyncConnection.connect(postgres_url) as other:
+                held = await (await other.execute("SELECT pg_try_advisory_lock(424242)")).fetchone()
+            assert held == (False,)
 
 
 async def test_a_statement_past_the_deadline_is_cancelled_on_the_server(
