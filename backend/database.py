@@ -1,27 +1,23 @@
 """What the routes run their statements through.
 
 Statements are SQLAlchemy Core on the SQLModel tables (`queries.py`). On PostgreSQL they are
-compiled once and executed by psycopg on a psycopg pool: SQLAlchemy's pool and execution layer
-cost more than the query itself on the hot path (measured: 270 µs against 80 µs for one
-primary-key read), and psycopg's pool hands a returned connection to the longest waiter, where
-SQLAlchemy's lets newcomers overtake and starves a few requests for seconds under load. On SQLite
+compiled once and executed by psycopg on the app's own lean pool (`pool.py`): SQLAlchemy's pool
+and execution layer cost more than the query itself on the hot path (measured: 270 µs against
+80 µs for one primary-key read), SQLAlchemy's pool lets newcomers overtake waiters and starved a
+few requests for seconds under load, and psycopg_pool costs about 140 µs per request. On SQLite
 (the embedded default) the SQLAlchemy engine runs them.
 
 Single statements run in autocommit: one round trip each. `atomic()` groups several in one
 transaction, with `SET LOCAL statement_timeout`.
 """
 
-import logging
-import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Protocol, TypeVar
-from weakref import WeakKeyDictionary
 
 from psycopg import AsyncConnection
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import tuple_row
-from psycopg_pool import AsyncConnectionPool
 from sqlalchemy import Select, literal_column, select
 from sqlalchemy.dialects.postgresql.psycopg import PGDialectAsync_psycopg
 from sqlalchemy.engine import URL
@@ -31,10 +27,7 @@ from sqlalchemy.sql import Executable
 from sqlalchemy.sql.elements import ClauseElement
 
 from config import Settings
-
-# psycopg's pool logs failed connection attempts with the driver's text (host, port): the app
-# logs its own one-line account instead.
-logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
+from pool import ConnectionPool, PooledConnection
 
 Parameters = Mapping[str, Any] | None
 StatementT = TypeVar("StatementT", bound=Executable)
@@ -60,29 +53,6 @@ class Database(Protocol):
     async def scalar(self, statement: Executable, parameters: Parameters = None) -> Any: ...
 
     def atomic(self) -> AbstractAsyncContextManager["Database"]: ...
-
-
-class Pinger:
-    """Pre-ping pooled connections, but only those idle long enough to have been dropped.
-
-    A Neon compute suspends and its pooler drops idle clients; a connection that comes back to
-    the pool and out again within a second was just working, and pinging it would double the
-    round trips of a busy server.
-    """
-
-    def __init__(self, idle_seconds: float) -> None:
-        self.idle_seconds = idle_seconds
-        self._returned_at: WeakKeyDictionary[AsyncConnection[Any], float] = WeakKeyDictionary()
-
-    def returned(self, connection: AsyncConnection[Any]) -> None:
-        # Noted by the code that used the connection, not in the pool's `reset` callback: with
-        # one, the pool hands every returned connection through its worker tasks.
-        self._returned_at[connection] = time.monotonic()
-
-    async def check(self, connection: AsyncConnection[Any]) -> None:
-        returned_at = self._returned_at.get(connection)
-        if returned_at is None or time.monotonic() - returned_at > self.idle_seconds:
-            await connection.execute("")
 
 
 def psycopg_conninfo(url: URL) -> str:
@@ -118,32 +88,31 @@ class PostgresDatabase(_Statements):
     def __init__(self, url: URL, settings: Settings) -> None:
         self.statement_timeout_ms = settings.database_statement_timeout_ms
         self._compiled: dict[int, tuple[str, dict[str, Any]]] = {}
-        self._pinger = pinger = Pinger(settings.database_ping_idle_seconds)
         conninfo = psycopg_conninfo(url)
-        self.pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
-            conninfo,
-            connection_class=AsyncConnection[Any],
-            kwargs={
-                "autocommit": True,
+        connect_timeout = settings.database_connect_timeout_seconds
+
+        async def connect() -> PooledConnection:
+            return await PooledConnection.connect(
+                conninfo,
+                autocommit=True,
                 # Server-side prepared statements do not survive a transaction-mode pooler.
-                "prepare_threshold": None,
-                "connect_timeout": settings.database_connect_timeout_seconds,
-                "row_factory": tuple_row,
-            },
-            min_size=1,
+                prepare_threshold=None,
+                connect_timeout=connect_timeout,
+                row_factory=tuple_row,
+            )
+
+        self.pool = ConnectionPool(
+            connect,
             max_size=settings.database_pool_size + settings.database_max_overflow,
             timeout=settings.database_pool_timeout_seconds,
+            ping_idle=settings.database_ping_idle_seconds,
             # Close idle connections before Neon's five-minute suspend and pooler would.
             max_idle=60,
             max_lifetime=240,
-            check=pinger.check,
-            open=False,
-            name="todo",
         )
 
     async def open(self) -> None:
-        # Not waiting: the app starts while the database is down; requests get 503 meanwhile.
-        await self.pool.open(wait=False)
+        await self.pool.open()
 
     async def close(self) -> None:
         await self.pool.close()
@@ -167,17 +136,19 @@ class PostgresDatabase(_Statements):
         self, statement: Executable, parameters: Parameters = None
     ) -> Sequence[Any]:
         sql, values = self.compile(statement, parameters)
-        async with self.pool.connection() as connection:
-            rows = await (await connection.execute(sql, values)).fetchall()
-        self._pinger.returned(connection)
-        return rows
+        connection = await self.pool.acquire()
+        try:
+            return await (await connection.execute(sql, values)).fetchall()
+        finally:
+            self.pool.release(connection)
 
     async def fetch_one(self, statement: Executable, parameters: Parameters = None) -> Any | None:
         sql, values = self.compile(statement, parameters)
-        async with self.pool.connection() as connection:
-            row = await (await connection.execute(sql, values)).fetchone()
-        self._pinger.returned(connection)
-        return row
+        connection = await self.pool.acquire()
+        try:
+            return await (await connection.execute(sql, values)).fetchone()
+        finally:
+            self.pool.release(connection)
 
     @asynccontextmanager
     async def atomic(self) -> AsyncIterator[Database]:
@@ -187,7 +158,6 @@ class PostgresDatabase(_Statements):
                     f"SET LOCAL statement_timeout = {int(self.statement_timeout_ms)}"
                 )
             yield _PsycopgTransaction(self, connection)
-        self._pinger.returned(connection)
 
     async def ping(self) -> None:
         async with self.pool.connection() as connection:

@@ -14,7 +14,6 @@ from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
-from psycopg_pool import PoolTimeout
 from sqlalchemy import exc as sa_exc
 
 from auth.jwt import JWKSCache, SessionLookup, TokenVerifier
@@ -127,7 +126,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, handle_validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(sa_exc.SQLAlchemyError, handle_database_error)  # type: ignore[arg-type]
     app.add_exception_handler(psycopg.Error, handle_database_error)  # type: ignore[arg-type]
-    app.add_exception_handler(PoolTimeout, handle_database_error)  # type: ignore[arg-type]
 
     # Added innermost first. CORS wraps everything but the request log, so even errors and
     # deadline 503s carry its headers; the log sees every response, preflights included.
@@ -199,7 +197,7 @@ async def handle_validation_error(request: Request, error: RequestValidationErro
 
 
 async def handle_database_error(
-    request: Request, error: sa_exc.SQLAlchemyError | psycopg.Error | PoolTimeout
+    request: Request, error: sa_exc.SQLAlchemyError | psycopg.Error
 ) -> JSONResponse:
     # Driver messages can hold SQL, parameters or the host: only the class name is logged.
     logger.warning(

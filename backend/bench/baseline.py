@@ -79,8 +79,8 @@ class PoolTimeout(Exception):
 class Pool:
     """A minimal connection pool: up to `size` autocommit connections, idle ones in a queue.
 
-    psycopg_pool is not a dependency of the project, so this is the smallest pool that works:
-    connections open on demand, wait for a free one up to `timeout` seconds, and a connection
+    The smallest pool that works (the app's, `pool.py`, also pings idle connections, retires
+    old ones and serves waiters in order): connections open on demand, wait for a free one up to `timeout` seconds, and a connection
     that broke is closed and forgotten (the next request opens a new one).
     """
 
