@@ -71,8 +71,11 @@ class ConnectionPool:
         self.max_lifetime = max_lifetime
         # Idle connections with the time each came back; the most recently used at the right.
         self._idle: deque[tuple[PooledConnection, float]] = deque()
-        # Each waiter's future gets a connection, or None: "a slot is yours, open one".
-        self._waiters: deque[asyncio.Future[PooledConnection | None]] = deque()
+        # Each waiter's future gets a connection, or None: "a slot is yours, open one"; with the
+        # loop time it gives up at. All wait as long, so the oldest gives up first: one timer,
+        # for the oldest waiter, serves them all.
+        self._waiters: deque[tuple[asyncio.Future[PooledConnection | None], float]] = deque()
+        self._expiry: asyncio.TimerHandle | None = None
         self._size = 0  # connections open or being opened
         self._closed = False
         self._sweeper: asyncio.Task[None] | None = None
@@ -98,8 +101,11 @@ class ConnectionPool:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         while self._waiters:
-            waiter = self._waiters.popleft()
+            waiter, _ = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(PoolClosed("the connection pool is closed"))
         while self._idle:
@@ -168,9 +174,12 @@ class ConnectionPool:
         return connection
 
     async def _wait(self) -> PooledConnection:
-        future: asyncio.Future[PooledConnection | None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(future)
-        expiry = asyncio.get_running_loop().call_later(self.timeout, _expire, future, self.timeout)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[PooledConnection | None] = loop.create_future()
+        gives_up_at = loop.time() + self.timeout
+        self._waiters.append((future, gives_up_at))
+        if self._expiry is None:
+            self._expiry = loop.call_at(gives_up_at, self._expire_waiters)
         try:
             connection = await future
         except asyncio.CancelledError:
@@ -182,18 +191,32 @@ class ConnectionPool:
                 else:
                     self.release(handed)
             raise
-        finally:
-            expiry.cancel()
         if connection is None:
             return await self._open_in_slot()
         return connection
 
     def _next_waiter(self) -> asyncio.Future[PooledConnection | None] | None:
         while self._waiters:
-            waiter = self._waiters.popleft()
+            waiter, _ = self._waiters.popleft()
             if not waiter.done():
                 return waiter
         return None
+
+    def _expire_waiters(self) -> None:
+        """PoolTimeout for the waiters whose time is up; the timer moves to the next one."""
+        self._expiry = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self._waiters:
+            waiter, gives_up_at = self._waiters[0]
+            if not waiter.done():
+                if gives_up_at > now:
+                    self._expiry = loop.call_at(gives_up_at, self._expire_waiters)
+                    return
+                waiter.set_exception(
+                    PoolTimeout(f"no database connection came free in {self.timeout:g} s")
+                )
+            self._waiters.popleft()
 
     def _free_slot(self) -> None:
         """A connection is gone: its slot goes to the longest waiter, else back to the pool."""
@@ -227,11 +250,6 @@ class ConnectionPool:
             else:
                 kept.append((connection, returned_at))
         self._idle = kept
-
-
-def _expire(future: "asyncio.Future[PooledConnection | None]", timeout: float) -> None:
-    if not future.done():
-        future.set_exception(PoolTimeout(f"no database connection came free in {timeout:g} s"))
 
 
 async def _close_quietly(connection: PooledConnection) -> None:
