@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import Any
 
 import httpx
 import psycopg
@@ -20,17 +21,11 @@ from auth.jwt import JWKSCache, SessionLookup, TokenVerifier
 from config import Settings, get_settings
 from database import create_database
 from db import create_engine, database_url
-from dependencies import check_access
+from dependencies import bearer_scheme, check_access
 from errors import APIError, DatabaseUnavailable, UnstorableValue
 from idempotency import purge_expired
 from logs import configure_logging
-from middleware import (
-    BodySizeLimitMiddleware,
-    DeadlineMiddleware,
-    RequestLogMiddleware,
-    TrailingSlashMiddleware,
-    UnhandledErrorMiddleware,
-)
+from middleware import GuardMiddleware, RequestLogMiddleware
 from ratelimit import create_rate_limiter
 from routes import health, tasks
 from startup import bring_schema_up
@@ -101,6 +96,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings)
     app = FastAPI(
+        # The task routes first: routing tries routes in order, and they take nearly all
+        # requests. Given here rather than with include_router(), whose routing layer costs
+        # about 20 µs per request (measured; FastAPI 0.165).
+        routes=[*tasks.router.routes, *health.router.routes],
         title="Todo API",
         version="1.0.0",
         summary="Per-user tasks for the Todo app, behind Better Auth tokens.",
@@ -116,12 +115,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
     )
     app.state.token_verifier = build_token_verifier(settings, app.state.auth_http)
-    # Trailing slashes are answered by TrailingSlashMiddleware, never redirected.
+    # Trailing slashes are answered by GuardMiddleware, never redirected.
     app.router.redirect_slashes = False
-    # The task routes first: routing tries routes in order, and they take nearly all requests.
-    app.include_router(tasks.router)
-    app.include_router(health.router)
 
+    document_bearer_token(app)
     app.add_exception_handler(APIError, handle_api_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, handle_validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(sa_exc.SQLAlchemyError, handle_database_error)  # type: ignore[arg-type]
@@ -129,10 +126,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # Added innermost first. CORS wraps everything but the request log, so even errors and
     # deadline 503s carry its headers; the log sees every response, preflights included.
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
-    app.add_middleware(TrailingSlashMiddleware)
-    app.add_middleware(DeadlineMiddleware, seconds=settings.request_timeout_seconds)
-    app.add_middleware(UnhandledErrorMiddleware)
+    app.add_middleware(
+        GuardMiddleware,
+        max_body_bytes=settings.max_request_body_bytes,
+        deadline_seconds=settings.request_timeout_seconds,
+    )
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,
@@ -144,6 +142,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(RequestLogMiddleware)
     return app
+
+
+def document_bearer_token(app: FastAPI) -> None:
+    """Every /api operation requires the bearer token: say so in OpenAPI (and /docs' Authorize
+    button). The routes check it with `authorize` rather than through a security dependency,
+    which FastAPI would resolve on every request."""
+    generate = app.openapi
+    scheme = bearer_scheme.model.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            components = schema.setdefault("components", {})
+            components.setdefault("securitySchemes", {})[bearer_scheme.scheme_name] = scheme
+            for path, operations in schema["paths"].items():
+                if path.startswith("/api/"):
+                    for operation in operations.values():
+                        operation["security"] = [{bearer_scheme.scheme_name: []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def build_token_verifier(settings: Settings, http: httpx.AsyncClient) -> TokenVerifier:

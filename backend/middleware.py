@@ -5,6 +5,7 @@ import itertools
 import logging
 import os
 import time
+from typing import Any
 
 import orjson
 from fastapi import status
@@ -38,42 +39,40 @@ class StartTrackingSend:
         await self.send(message)
 
 
-class TrailingSlashMiddleware:
-    """Serve `/path/` as `/path` directly.
+class GuardMiddleware:
+    """What every request gets below CORS, in one layer (each ASGI layer costs microseconds):
 
-    A 307 redirect breaks CORS preflights, and browsers drop `Authorization` when they follow a
-    cross-origin redirect, so the frontend would see a 401 it cannot explain.
+    - `/path/` is served as `/path`, never redirected: a 307 breaks CORS preflights, and browsers
+      drop `Authorization` when they follow a cross-origin redirect;
+    - bodies over `max_body_bytes` get a 413 before they are read into memory or parsed;
+    - a request that outlives its deadline (a database that accepts connections and never
+      answers, a pool that stays exhausted) gets a 503 rather than a hang;
+    - an unhandled exception gets a plain 500 with a `detail` sentence, and one log line without
+      a traceback: tracebacks can carry SQL, connection strings or tokens held in local variables,
+      so neither the client nor the log gets one; the exception's type and where it was raised
+      are enough to start.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, deadline_seconds: float) -> None:
         self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            path: str = scope["path"]
-            if len(path) > 1 and path.endswith("/"):
-                # In place: outer middleware reads what routing adds to this scope (the route).
-                scope["path"] = path.rstrip("/") or "/"
-                raw_path = scope.get("raw_path")
-                if raw_path:
-                    scope["raw_path"] = raw_path.rstrip(b"/") or b"/"
-        await self.app(scope, receive, send)
-
-
-class BodySizeLimitMiddleware:
-    """Refuse bodies over the limit with 413 before they are read into memory or parsed."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
+        self.max_body_bytes = max_body_bytes
+        self.deadlines = DeadlineWatch(deadline_seconds)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path: str = scope["path"]
+        if len(path) > 1 and path.endswith("/"):
+            # In place: outer middleware reads what routing adds to this scope (the route).
+            scope["path"] = path = path.rstrip("/") or "/"
+            raw_path = scope.get("raw_path")
+            if raw_path:
+                scope["raw_path"] = raw_path.rstrip(b"/") or b"/"
+        limit = self.max_body_bytes
         for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await _send_json_error(send, RequestBodyTooLarge(self.max_bytes))
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                await _send_json_error(send, RequestBodyTooLarge(limit))
                 return
         received = 0
 
@@ -82,12 +81,91 @@ class BodySizeLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > limit:
                     # A chunked body that declared no length: stop reading it here.
-                    raise RequestBodyTooLarge(self.max_bytes)
+                    raise RequestBodyTooLarge(limit)
             return message
 
-        await self.app(scope, receive_within_limit, send)
+        tracked = StartTrackingSend(send)
+        task = asyncio.current_task() if path != "/health" else None
+        if task is not None:
+            self.deadlines.watch(task)
+        try:
+            await self.app(scope, receive_within_limit, tracked)
+        except asyncio.CancelledError:
+            if task is None or not self.deadlines.passed(task):
+                raise
+            task.uncancel()
+            logger.warning(
+                "request deadline passed during %s %s", scope["method"], _route_template(scope)
+            )
+            if not tracked.response_started:
+                await _send_json(
+                    send,
+                    503,
+                    b'{"detail":"The server could not answer in time; try again shortly."}',
+                    extra_headers=[(b"retry-after", b"2")],
+                )
+        except Exception as error:
+            logger.error(
+                "unhandled %s at %s during %s %s",
+                type(error).__name__,
+                _raised_at(error),
+                scope.get("method"),
+                _route_template(scope),
+            )
+            if not tracked.response_started:
+                await _send_json(
+                    send,
+                    status.HTTP_500_INTERNAL_SERVER_ERROR,
+                    b'{"detail":"The server hit an unexpected error."}',
+                )
+        finally:
+            if task is not None:
+                self.deadlines.forget(task)
+
+
+class DeadlineWatch:
+    """Per-request deadlines kept by one watcher task, rather than a timer per request.
+
+    A request's task is cancelled once its deadline has passed (within `tick` seconds); the
+    guard tells that cancellation from others with `passed()`. All deadlines have the same
+    length, so they expire in the order they were set: each tick looks at the oldest only.
+    """
+
+    def __init__(self, seconds: float, tick: float = 0.25) -> None:
+        self.seconds = seconds
+        self.tick = min(tick, seconds / 4)
+        self._deadlines: dict[asyncio.Task[Any], float] = {}
+        self._passed: set[asyncio.Task[Any]] = set()
+        self._watcher: asyncio.Task[None] | None = None
+
+    def watch(self, task: "asyncio.Task[Any]") -> None:
+        self._deadlines[task] = time.monotonic() + self.seconds
+        if self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    def forget(self, task: "asyncio.Task[Any]") -> None:
+        self._deadlines.pop(task, None)
+        self._passed.discard(task)
+
+    def passed(self, task: "asyncio.Task[Any]") -> bool:
+        return task in self._passed
+
+    async def _watch(self) -> None:
+        try:
+            # Stops when nothing is left to watch; the next request starts it again.
+            while self._deadlines:
+                await asyncio.sleep(self.tick)
+                now = time.monotonic()
+                for task, deadline in list(self._deadlines.items()):
+                    if deadline > now:
+                        break
+                    del self._deadlines[task]
+                    self._passed.add(task)
+                    task.cancel()
+        finally:
+            self._watcher = None
 
 
 class RequestLogMiddleware:
@@ -126,83 +204,27 @@ class RequestLogMiddleware:
         try:
             await self.app(scope, receive, send_with_headers)
         finally:
-            request_logger.info(
-                "%s %s %s %.1fms",
-                scope["method"],
-                _route_template(scope),
-                status_code,
-                (time.perf_counter() - started) * 1000,
-                extra={
-                    "method": scope["method"],
-                    "route": _route_template(scope),
-                    "status": status_code,
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-                    "request_id": request_id,
-                },
-            )
+            if request_logger.isEnabledFor(logging.INFO):
+                self.log(scope, status_code, started, request_id)
 
-
-class DeadlineMiddleware:
-    """Answer 503 rather than hang when a request outlives its deadline (a database that accepts
-    connections and never answers, a pool that stays exhausted)."""
-
-    def __init__(self, app: ASGIApp, seconds: float) -> None:
-        self.app = app
-        self.seconds = seconds
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] == "/health":
-            await self.app(scope, receive, send)
-            return
-        tracked = StartTrackingSend(send)
-        try:
-            async with asyncio.timeout(self.seconds):
-                await self.app(scope, receive, tracked)
-        except TimeoutError:
-            logger.warning(
-                "request deadline passed during %s %s", scope["method"], _route_template(scope)
-            )
-            if tracked.response_started:
-                raise
-            await _send_json(
-                send,
-                503,
-                b'{"detail":"The server could not answer in time; try again shortly."}',
-                extra_headers=[(b"retry-after", b"2")],
-            )
-
-
-class UnhandledErrorMiddleware:
-    """A last resort: a plain 500 with a `detail` sentence, and one log line without a traceback.
-
-    Tracebacks can carry SQL, connection strings or tokens held in local variables, so neither the
-    client nor the log gets one; the exception's type and where it was raised are enough to start.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        tracked = StartTrackingSend(send)
-        try:
-            await self.app(scope, receive, tracked)
-        except Exception as error:
-            logger.error(
-                "unhandled %s at %s during %s %s",
-                type(error).__name__,
-                _raised_at(error),
-                scope.get("method"),
-                _route_template(scope),
-            )
-            if not tracked.response_started:
-                await _send_json(
-                    send,
-                    status.HTTP_500_INTERNAL_SERVER_ERROR,
-                    b'{"detail":"The server hit an unexpected error."}',
-                )
+    @staticmethod
+    def log(scope: Scope, status_code: int, started: float, request_id: str) -> None:
+        duration_ms = (time.perf_counter() - started) * 1000
+        route = _route_template(scope)
+        request_logger.info(
+            "%s %s %s %.1fms",
+            scope["method"],
+            route,
+            status_code,
+            duration_ms,
+            extra={
+                "method": scope["method"],
+                "route": route,
+                "status": status_code,
+                "duration_ms": round(duration_ms, 2),
+                "request_id": request_id,
+            },
+        )
 
 
 def _raised_at(error: BaseException) -> str:

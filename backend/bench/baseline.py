@@ -80,8 +80,9 @@ class Pool:
     """A minimal connection pool: up to `size` autocommit connections, idle ones in a queue.
 
     The smallest pool that works (the app's, `pool.py`, also pings idle connections, retires
-    old ones and serves waiters in order): connections open on demand, wait for a free one up to `timeout` seconds, and a connection
-    that broke is closed and forgotten (the next request opens a new one).
+    old ones and serves waiters in order): connections open on demand, wait for a free one up
+    to `timeout` seconds, and a connection that broke is closed and forgotten (the next request
+    opens a new one).
     """
 
     def __init__(self, conninfo: str, size: int, timeout: float, statement_timeout_ms: int) -> None:

@@ -1,24 +1,26 @@
 """The locked task API: `/api/{user_id}/tasks[/{task_id}[/complete]]`.
 
-Ownership is part of every statement's WHERE clause (`queries.py`) and `OwnerId` has already
-checked the path against the token, so each operation is one statement and no route repeats an
-ownership check. Rows go out as JSON once, with orjson; `response_model` documents their shape.
+Ownership is part of every statement's WHERE clause (`queries.py`) and each route first calls
+`authorize`, which checks the path against the token, so each operation is one statement and no
+route repeats an ownership check. Rows go out as JSON once, with orjson; `response_model`
+documents their shape.
 """
 
 import hashlib
 from typing import Annotated, Any, NoReturn
 
-from fastapi import APIRouter, Body, Depends, Request, Response, status
+from fastapi import APIRouter, Body, Request, Response, status
 from sqlalchemy import ColumnElement, func
 
 import queries
 from database import Database
 from dependencies import (
-    ExpectedETags,
     IdempotencyKey,
-    OwnerId,
     TaskId,
+    UserId,
+    authorize,
     database,
+    expected_etags,
     versions_allowed,
 )
 from errors import PreconditionFailed, TaskNotFound
@@ -58,6 +60,16 @@ IF_NONE_MATCH = {
     "schema": {"type": "string"},
     "description": "304 while the answer still has one of these ETags.",
 }
+IF_MATCH = {
+    "name": "If-Match",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": "Change only if the task still has one of these ETags; else 412.",
+}
+
+# If-Match is read from the request (`expected_etags`) and documented here.
+CONDITIONAL: dict[str, Any] = {"openapi_extra": {"parameters": [IF_MATCH]}}
 
 router = APIRouter(
     prefix="/api/{user_id}/tasks",
@@ -137,7 +149,7 @@ LIST_PARAMETERS = [
 ]
 
 
-async def list_options(request: Request) -> ListOptions:
+def list_options(request: Request) -> ListOptions:
     """Read leniently from the query string: an unknown parameter or value is ignored, never
     a 422, so the parameters are read here rather than declared one by one."""
     query = request.query_params
@@ -190,13 +202,10 @@ async def list_options(request: Request) -> ListOptions:
         ]
     },
 )
-async def list_tasks(
-    owner_id: OwnerId,
-    request: Request,
-    options: Annotated[ListOptions, Depends(list_options)],
-) -> Response:
+async def list_tasks(user_id: UserId, request: Request) -> Response:
     """List the user's tasks, newest first, optionally filtered, searched, sorted and paged."""
-    rows, total = await queries.list_tasks(database(request), owner_id, options)
+    await authorize(request, user_id)
+    rows, total = await queries.list_tasks(database(request), user_id, list_options(request))
     body = to_json([public_task(row) for row in rows])
     headers = {
         "X-Total-Count": str(total),
@@ -218,8 +227,8 @@ async def list_tasks(
     },
 )
 async def create_task(
+    user_id: UserId,
     new_task: TaskCreate,
-    owner_id: OwnerId,
     request: Request,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
@@ -228,23 +237,24 @@ async def create_task(
     With an `Idempotency-Key` header, retries with the same key and body return the first 201
     and create nothing more; the same key with another body is a 422.
     """
+    await authorize(request, user_id)
     fields = new_task.model_dump()
     if idempotency_key is None:
-        row = await queries.create_task(database(request), owner_id, fields)
+        row = await queries.create_task(database(request), user_id, fields)
         return json_response(
             to_json(public_task(row)), status.HTTP_201_CREATED, {"ETag": etag_for(row)}
         )
     ttl = request.app.state.settings.idempotency_key_ttl_seconds
     async with database(request).atomic() as transaction:
         stored = await reserve_or_replay(
-            transaction, owner_id, idempotency_key, request_fingerprint(fields), ttl
+            transaction, user_id, idempotency_key, request_fingerprint(fields), ttl
         )
         if stored is not None:
             return json_response(stored.body, stored.status_code, {"Idempotent-Replayed": "true"})
-        row = await queries.create_task(transaction, owner_id, fields)
+        row = await queries.create_task(transaction, user_id, fields)
         body = to_json(public_task(row))
         await store_response(
-            transaction, owner_id, idempotency_key, StoredResponse(status.HTTP_201_CREATED, body)
+            transaction, user_id, idempotency_key, StoredResponse(status.HTTP_201_CREATED, body)
         )
     return json_response(body, status.HTTP_201_CREATED, {"ETag": etag_for(row)})
 
@@ -255,9 +265,10 @@ async def create_task(
     responses={**NOT_FOUND, **NOT_MODIFIED},
     openapi_extra={"parameters": [IF_NONE_MATCH]},
 )
-async def read_task(task_id: TaskId, owner_id: OwnerId, request: Request) -> Response:
+async def read_task(user_id: UserId, task_id: TaskId, request: Request) -> Response:
     """Get one of the user's tasks, with its ETag."""
-    task = await queries.get_task(database(request), owner_id, task_id)
+    await authorize(request, user_id)
+    task = await queries.get_task(database(request), user_id, task_id)
     if task is None:
         raise TaskNotFound()
     etag = etag_for(task)
@@ -299,38 +310,40 @@ async def _raise_missing_or_changed(
     raise TaskNotFound()
 
 
-@router.put("/{task_id}", response_model=TaskPublic, responses=WRITE_RESPONSES)
-@router.patch("/{task_id}", response_model=TaskPublic, responses=WRITE_RESPONSES)
+@router.put("/{task_id}", response_model=TaskPublic, responses=WRITE_RESPONSES, **CONDITIONAL)
+@router.patch("/{task_id}", response_model=TaskPublic, responses=WRITE_RESPONSES, **CONDITIONAL)
 async def update_task(
-    changes: TaskUpdate,
-    task_id: TaskId,
-    owner_id: OwnerId,
-    etags: ExpectedETags,
-    request: Request,
+    user_id: UserId, task_id: TaskId, changes: TaskUpdate, request: Request
 ) -> Response:
     """Change the fields present in the body; others keep their values (PUT and PATCH alike).
 
     Without `If-Match` the last write wins; with it, a task changed meanwhile gives 412.
     """
+    await authorize(request, user_id)
     return await _change_owned(
-        database(request), task_id, owner_id, etags, changes.model_dump(exclude_unset=True)
+        database(request),
+        task_id,
+        user_id,
+        expected_etags(request),
+        changes.model_dump(exclude_unset=True),
     )
 
 
-@router.patch("/{task_id}/complete", response_model=TaskPublic, responses=WRITE_RESPONSES)
+@router.patch(
+    "/{task_id}/complete", response_model=TaskPublic, responses=WRITE_RESPONSES, **CONDITIONAL
+)
 async def toggle_completion(
+    user_id: UserId,
     task_id: TaskId,
-    owner_id: OwnerId,
-    etags: ExpectedETags,
     request: Request,
     change: Annotated[CompletionChange | None, Body()] = None,
 ) -> Response:
     """Toggle completion (no body or `{}`), or set it with `{"completed": true|false}`."""
+    await authorize(request, user_id)
+    db, etags = database(request), expected_etags(request)
     if change is None or change.completed is None:
-        return await _change_owned(database(request), task_id, owner_id, etags, {}, toggle=True)
-    return await _change_owned(
-        database(request), task_id, owner_id, etags, {"completed": change.completed}
-    )
+        return await _change_owned(db, task_id, user_id, etags, {}, toggle=True)
+    return await _change_owned(db, task_id, user_id, etags, {"completed": change.completed})
 
 
 @router.delete(
@@ -338,12 +351,12 @@ async def toggle_completion(
     status_code=status.HTTP_204_NO_CONTENT,
     response_class=Response,
     responses=WRITE_RESPONSES,
+    **CONDITIONAL,
 )
-async def delete_task(
-    task_id: TaskId, owner_id: OwnerId, etags: ExpectedETags, request: Request
-) -> None:
+async def delete_task(user_id: UserId, task_id: TaskId, request: Request) -> None:
     """Delete one of the user's tasks."""
-    versions = versions_allowed(etags, task_id)
+    await authorize(request, user_id)
+    versions = versions_allowed(expected_etags(request), task_id)
     db = database(request)
-    if not await queries.delete_task(db, owner_id, task_id, versions):
-        await _raise_missing_or_changed(db, task_id, owner_id, versions)
+    if not await queries.delete_task(db, user_id, task_id, versions):
+        await _raise_missing_or_changed(db, task_id, user_id, versions)
