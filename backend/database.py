@@ -138,7 +138,7 @@ class PostgresDatabase(_Statements):
         sql, values = self.compile(statement, parameters)
         connection = await self.pool.acquire()
         try:
-            return await (await connection.execute(sql, values)).fetchall()
+            return await (await connection.execute(sql, values, binary=True)).fetchall()
         finally:
             self.pool.release(connection)
 
@@ -146,7 +146,7 @@ class PostgresDatabase(_Statements):
         sql, values = self.compile(statement, parameters)
         connection = await self.pool.acquire()
         try:
-            return await (await connection.execute(sql, values)).fetchone()
+            return await (await connection.execute(sql, values, binary=True)).fetchone()
         finally:
             self.pool.release(connection)
 
@@ -177,11 +177,11 @@ class _PsycopgTransaction(_Statements):
         self, statement: Executable, parameters: Parameters = None
     ) -> Sequence[Any]:
         sql, values = self._database.compile(statement, parameters)
-        return await (await self._connection.execute(sql, values)).fetchall()
+        return await (await self._connection.execute(sql, values, binary=True)).fetchall()
 
     async def fetch_one(self, statement: Executable, parameters: Parameters = None) -> Any | None:
         sql, values = self._database.compile(statement, parameters)
-        return await (await self._connection.execute(sql, values)).fetchone()
+        return await (await self._connection.execute(sql, values, binary=True)).fetchone()
 
     def atomic(self) -> AbstractAsyncContextManager[Database]:
         raise RuntimeError("already in a transaction")
