@@ -34,7 +34,7 @@ def configure_logging(settings: Settings) -> None:
     # One line per request makes logging a hot path. None of the formats uses the calling
     # function, thread or process, so they are not looked up for every record: the switches
     # the logging HOWTO lists under "Optimization" (about 15 µs per request, measured).
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
