@@ -136,8 +136,10 @@ class ConnectionPool:
                 try:
                     await connection.execute("")
                 except psycopg.Error:
-                    self._discard(connection)
-                    continue
+                    # Dropped while idle: a new connection in the same slot, so that whoever
+                    # queued during the ping does not overtake this request.
+                    self._close_in_background(connection)
+                    return await self._open_in_slot()
                 except BaseException:
                     self._discard(connection)
                     raise
@@ -228,6 +230,9 @@ class ConnectionPool:
 
     def _discard(self, connection: PooledConnection) -> None:
         self._free_slot()
+        self._close_in_background(connection)
+
+    def _close_in_background(self, connection: PooledConnection) -> None:
         if not connection.closed:
             task = asyncio.get_running_loop().create_task(_close_quietly(connection))
             self._closing.add(task)
