@@ -71,7 +71,7 @@ def create_engine(settings: Settings, url: URL | None = None) -> AsyncEngine:
         return _create_sqlite_engine(url)
     # On PostgreSQL this engine runs the migrations (and the hourly key purge), each in a real
     # transaction: DDL all or nothing, the migration lock held to the end. Requests run on the
-    # psycopg pool in database.py, with their own statement timeout.
+    # app's own pool (pool.py, used by database.py), with their own statement timeout.
     return create_async_engine(
         url,
         pool_pre_ping=True,
