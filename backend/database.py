@@ -15,9 +15,12 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Protocol, TypeVar
 
+import psycopg
 from psycopg import AsyncConnection
+from psycopg.adapt import AdaptersMap
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import tuple_row
+from psycopg.types.datetime import TimestampBinaryLoader
 from sqlalchemy import Select, literal_column, select
 from sqlalchemy.dialects.postgresql.psycopg import PGDialectAsync_psycopg
 from sqlalchemy.engine import URL
@@ -35,10 +38,19 @@ POSTGRES = PGDialectAsync_psycopg()  # type: ignore[no-untyped-call]
 SELECT_ONE: Select[Any] = select(literal_column("1"))
 # ids of the module-level statements (`static()`): their SQL is compiled once per process.
 _static_statements: set[int] = set()
+# A binary timestamptz is microseconds since 2000-01-01 UTC, whatever the session's TimeZone:
+# read with the plain timestamp loader it is that UTC moment as a naive datetime. psycopg's own
+# loader converts each value into the session's zone (zoneinfo), and orjson then asks that zone
+# for its offset: together about 1 µs a value, 100 µs on a 50-task list. Every statement on
+# PostgreSQL asks for binary results.
+ADAPTERS = AdaptersMap(psycopg.adapters)
+ADAPTERS.register_loader("timestamptz", TimestampBinaryLoader)
 
 
 class Database(Protocol):
-    """Rows are tuples in the statement's column order; datetimes are timezone-aware."""
+    """Rows are tuples in the statement's column order. Timestamps are UTC: naive datetimes on
+    PostgreSQL (`ADAPTERS`), aware ones on SQLite (`models.UTCDateTime`); `json_body.to_json`
+    writes both the same way."""
 
     dialect: str
 
@@ -99,6 +111,7 @@ class PostgresDatabase(_Statements):
                 prepare_threshold=None,
                 connect_timeout=connect_timeout,
                 row_factory=tuple_row,
+                context=ADAPTERS,
             )
 
         self.pool = ConnectionPool(

@@ -33,7 +33,8 @@ class JSONBodyRoute(APIRoute):
 
 
 def to_json(value: Any) -> bytes:
-    return orjson.dumps(value, option=orjson.OPT_UTC_Z)
+    # Datetimes are UTC, written with "Z"; naive ones (rows from PostgreSQL) are UTC too.
+    return orjson.dumps(value, option=orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC)
 
 
 def json_response(

@@ -7,9 +7,7 @@ compiled once (`database.static`).
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, TypeAlias
-from zoneinfo import ZoneInfo
 
 from sqlalchemy import (
     ColumnElement,
@@ -35,7 +33,6 @@ TASKS: Table = SQLModel.metadata.tables[Task.__tablename__]
 # tuples costs more than the query's parsing), a SQLAlchemy Row on SQLite.
 TaskRow: TypeAlias = Any
 ID, VERSION = 0, 7
-UTC_ZONES = frozenset({UTC, ZoneInfo("UTC"), ZoneInfo("Etc/UTC")})
 COLUMNS = (
     TASKS.c.id,
     TASKS.c.user_id,
@@ -189,15 +186,9 @@ def public_task(row: TaskRow) -> dict[str, Any]:
         "title": title,
         "description": description,
         "completed": completed,
-        "created_at": _utc(created_at),
-        "updated_at": _utc(updated_at),
+        "created_at": created_at,  # UTC, naive or aware (`database.Database`)
+        "updated_at": updated_at,
     }
-
-
-def _utc(moment: datetime) -> datetime:
-    # psycopg gives timestamptz in the session's time zone; the API speaks UTC (orjson writes
-    # any of these zones as "Z"). Converting only when needed saves 25 µs on a 50-task list.
-    return moment if moment.tzinfo in UTC_ZONES else moment.astimezone(UTC)
 
 
 def etag_for(row: TaskRow) -> str:
