@@ -16,7 +16,6 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Protocol, TypeVar
 
 import psycopg
-from psycopg import AsyncConnection
 from psycopg.adapt import AdaptersMap
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import tuple_row
@@ -151,7 +150,7 @@ class PostgresDatabase(_Statements):
         sql, values = self.compile(statement, parameters)
         connection = await self.pool.acquire()
         try:
-            return await (await connection.execute(sql, values, binary=True)).fetchall()
+            return await (await connection.statements.execute(sql, values, binary=True)).fetchall()
         finally:
             self.pool.release(connection)
 
@@ -159,7 +158,7 @@ class PostgresDatabase(_Statements):
         sql, values = self.compile(statement, parameters)
         connection = await self.pool.acquire()
         try:
-            return await (await connection.execute(sql, values, binary=True)).fetchone()
+            return await (await connection.statements.execute(sql, values, binary=True)).fetchone()
         finally:
             self.pool.release(connection)
 
@@ -167,7 +166,7 @@ class PostgresDatabase(_Statements):
     async def atomic(self) -> AsyncIterator[Database]:
         async with self.pool.connection() as connection, connection.transaction():
             if self.statement_timeout_ms:
-                await connection.execute(
+                await connection.statements.execute(
                     f"SET LOCAL statement_timeout = {int(self.statement_timeout_ms)}"
                 )
             yield _PsycopgTransaction(self, connection)
@@ -182,7 +181,7 @@ class _PsycopgTransaction(_Statements):
 
     dialect = "postgresql"
 
-    def __init__(self, database: PostgresDatabase, connection: AsyncConnection[Any]) -> None:
+    def __init__(self, database: PostgresDatabase, connection: PooledConnection) -> None:
         self._database = database
         self._connection = connection
 
@@ -190,11 +189,13 @@ class _PsycopgTransaction(_Statements):
         self, statement: Executable, parameters: Parameters = None
     ) -> Sequence[Any]:
         sql, values = self._database.compile(statement, parameters)
-        return await (await self._connection.execute(sql, values, binary=True)).fetchall()
+        cursor = self._connection.statements
+        return await (await cursor.execute(sql, values, binary=True)).fetchall()
 
     async def fetch_one(self, statement: Executable, parameters: Parameters = None) -> Any | None:
         sql, values = self._database.compile(statement, parameters)
-        return await (await self._connection.execute(sql, values, binary=True)).fetchone()
+        cursor = self._connection.statements
+        return await (await cursor.execute(sql, values, binary=True)).fetchone()
 
     def atomic(self) -> AbstractAsyncContextManager[Database]:
         raise RuntimeError("already in a transaction")

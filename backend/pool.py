@@ -27,7 +27,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import psycopg
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, AsyncCursor
 from psycopg.pq import TransactionStatus
 
 logger = logging.getLogger("todo.database")
@@ -44,9 +44,21 @@ class PoolClosed(psycopg.OperationalError):
 
 
 class PooledConnection(AsyncConnection[Any]):
-    """A connection that knows when it was opened (for `max_lifetime`)."""
+    """A connection that knows when it was opened (for `max_lifetime`), with one cursor for the
+    statements run on it."""
 
     opened_at: float = 0.0
+    _statements: AsyncCursor[Any] | None = None
+
+    @property
+    def statements(self) -> AsyncCursor[Any]:
+        """The cursor every statement on this connection runs in, one after the other (a pooled
+        connection serves one request at a time). `connection.execute()` makes a new cursor per
+        statement, which costs psycopg about 30 µs: its own copy of the adapters, a new
+        transformer."""
+        if self._statements is None:
+            self._statements = self.cursor()
+        return self._statements
 
 
 Connect = Callable[[], Coroutine[Any, Any, PooledConnection]]

@@ -314,6 +314,29 @@ async def test_a_released_healthy_connection_is_handed_out_again(connector: Conn
         assert (pool.size, pool.idle) == (1, 1)
 
 
+async def test_statements_on_a_reused_connection_share_one_cursor_and_each_gets_its_own_result(
+    connector: Connector,
+) -> None:
+    """`statements` is one cursor per connection, for request after request: a failed statement
+    or a long result must not leak into the next statement's result."""
+    async with connector.pool(max_size=1) as pool:
+        async with pool.connection() as connection:
+            cursor = connection.statements
+            await cursor.execute("SELECT g FROM generate_series(1, 500) AS g")
+            assert len(await cursor.fetchall()) == 500
+        async with pool.connection() as connection:
+            assert connection.statements is cursor
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                await connection.statements.execute("SELECT 1 / 0")
+        async with pool.connection() as connection:
+            assert connection.statements is cursor
+            await cursor.execute("SELECT %s::int, %s::text", (7, "seven"), binary=True)
+            assert await cursor.fetchall() == [(7, "seven")]
+            await cursor.execute("SELECT 1 WHERE false")
+            assert await cursor.fetchone() is None
+        assert len(connector.opened) == 1
+
+
 async def test_the_most_recently_returned_connection_is_reused_first(
     connector: Connector,
 ) -> None:
