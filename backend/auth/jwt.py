@@ -13,13 +13,21 @@ The header's `alg` picks the key family and each key verifies exactly one family
 the shared secret only HS*, a JWKS key only the algorithm it declares (or its key type implies).
 Headers that would make a verifier fetch or trust keys named by the token itself (`jku`, `x5u`,
 `jwk`, `x5c`) are refused, never followed.
+
+A JWT is decoded once (`parse_token`), its signature checked by PyJWT's algorithm objects with
+keys prepared once (`signature_key`, `verify_signature`), its claims as PyJWT checks them and
+stricter (`check_claims`): `jwt.decode` parsed every token three times and re-validated the
+secret on each, about 116 µs against 31 µs for a token not seen before.
 """
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import logging
+import math
+import re
 import time
 import warnings
 from collections import OrderedDict
@@ -54,6 +62,13 @@ VERIFIED_CACHE_SECONDS = 60
 FORBIDDEN_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c", "crit"})
 MAX_TOKEN_BYTES = 8 * 1024
 TIME_CLAIMS = ("exp", "nbf", "iat")
+BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
+# PyJWT's signature algorithms, used directly: the token is parsed once here, and the keys are
+# prepared once (`signature_key`) instead of on every token.
+SIGNATURE_ALGORITHMS = {
+    name: jwt.get_algorithm_by_name(name)
+    for name in sorted(HMAC_ALGORITHMS | ASYMMETRIC_ALGORITHMS)
+}
 MAX_USER_ID_LENGTH = 255
 # Where frontends put the user id, in order: their own tokens, then Better Auth's cookie cache.
 FLAT_USER_ID_CLAIMS = ("sub", "user_id", "userId", "id")
@@ -93,7 +108,12 @@ class TokenVerifier:
         sessions: "SessionLookup | None" = None,
     ) -> None:
         # Better Auth and `jose` frontends HMAC with the UTF-8 bytes of the secret as written.
-        self._hmac_key = secret.encode("utf-8")
+        # Prepared once; a secret PyJWT refuses as an HMAC key (it looks like a public key)
+        # verifies no token.
+        self._hmac_keys: dict[str, Any] = {}
+        for algorithm in HMAC_ALGORITHMS:
+            with contextlib.suppress(InvalidToken):
+                self._hmac_keys[algorithm] = signature_key(algorithm, secret.encode("utf-8"))
         self._issuer = issuer
         self._audience = audience
         self._leeway = leeway_seconds
@@ -130,13 +150,14 @@ class TokenVerifier:
             if self._sessions is not None:
                 return VerifiedToken(user_id=await self._sessions.user_id_for(token), claims={})
             raise InvalidToken("token is not a compact JWS")
-        header = read_header(token)
-        algorithm = header["alg"]
+        parsed = parse_token(token)
+        algorithm = parsed.header["alg"]
         if algorithm in HMAC_ALGORITHMS:
-            claims = decode_claims(
-                token,
-                self._hmac_key,
-                algorithm,
+            if algorithm not in self._hmac_keys:
+                raise InvalidToken("the secret cannot verify HMAC tokens")
+            verify_signature(parsed, self._hmac_keys[algorithm])
+            check_claims(
+                parsed.claims,
                 issuer=self._issuer,
                 audience=self._audience,
                 leeway_seconds=self._leeway,
@@ -144,32 +165,34 @@ class TokenVerifier:
         elif algorithm in ASYMMETRIC_ALGORITHMS and self._jwks is not None:
             # Claims first, unverified: a token that would be refused anyway is refused without
             # asking Better Auth for keys, and so never depends on it being reachable.
-            user_id_from_claims(
-                decode_claims(
-                    token,
-                    None,
-                    algorithm,
-                    issuer=self._jwks_issuer,
-                    audience=self._jwks_audience,
-                    leeway_seconds=self._leeway,
-                )
-            )
-            key = await self._jwks.key_for(header.get("kid"), algorithm)
-            claims = decode_claims(
-                token,
-                key,
-                algorithm,
+            check_claims(
+                parsed.claims,
                 issuer=self._jwks_issuer,
                 audience=self._jwks_audience,
                 leeway_seconds=self._leeway,
             )
+            user_id_from_claims(parsed.claims)
+            key = await self._jwks.key_for(parsed.header.get("kid"), algorithm)
+            verify_signature(parsed, key)
         else:
             raise InvalidToken(f"algorithm {algorithm[:16]!r} is not accepted")
-        return VerifiedToken(user_id=user_id_from_claims(claims), claims=claims)
+        return VerifiedToken(user_id=user_id_from_claims(parsed.claims), claims=parsed.claims)
 
 
-def read_header(token: str) -> dict[str, Any]:
-    """The token's protected header, checked before any key is chosen."""
+@dataclass(frozen=True, slots=True)
+class ParsedToken:
+    """A compact JWS taken apart, nothing in it trusted until `verify_signature` has passed."""
+
+    header: dict[str, Any]
+    claims: dict[str, Any]
+    signing_input: bytes
+    signature: bytes
+
+
+def parse_token(token: str) -> ParsedToken:
+    """The token's three segments, each decoded once and checked before any key is chosen:
+    at most 8 KiB; canonical base64url without padding; header and claims JSON objects that
+    name no member twice; a usable `alg`; none of the refused header parameters."""
     if len(token) > MAX_TOKEN_BYTES:
         raise InvalidToken("token is larger than 8 KiB")
     if token.count(".") != 2:
@@ -177,79 +200,116 @@ def read_header(token: str) -> dict[str, Any]:
     if "=" in token:
         # Compact JWS omits base64 padding (RFC 7515 §2); a padded copy is not the token issued.
         raise InvalidToken("token carries base64 padding")
-    header_segment, payload_segment, _ = token.split(".")
-    for segment in (header_segment, payload_segment):
-        _refuse_duplicate_members(segment)
-    try:
-        header = jwt.get_unverified_header(token)
-    except jwt.PyJWTError as error:
-        raise InvalidToken("token header is malformed") from error
+    header_segment, payload_segment, signature_segment = token.split(".")
+    header = _json_object(_base64url(header_segment))
     algorithm = header.get("alg")
     if not isinstance(algorithm, str) or algorithm.lower() == "none":
         raise InvalidToken("token has no usable algorithm")
     refused = FORBIDDEN_HEADERS.intersection(header)
     if refused:
         raise InvalidToken(f"token header carries refused parameters {sorted(refused)}")
-    return header
+    if not isinstance(header.get("kid", ""), str):
+        raise InvalidToken("token kid is not a string")
+    if header.get("b64", True) is not True:
+        raise InvalidToken("token payload is not base64url (RFC 7797)")
+    return ParsedToken(
+        header=header,
+        claims=_json_object(_base64url(payload_segment)),
+        signing_input=f"{header_segment}.{payload_segment}".encode("ascii"),
+        signature=_base64url(signature_segment),
+    )
 
 
-def decode_claims(
-    token: str,
-    key: Any,
-    algorithm: str,
+def verify_signature(parsed: ParsedToken, key: Any) -> None:
+    """Check the signature with `key` (prepared by `signature_key`) for the header's `alg`."""
+    algorithm = SIGNATURE_ALGORITHMS[parsed.header["alg"]]
+    try:
+        valid = algorithm.verify(parsed.signing_input, key, parsed.signature)
+    except (jwt.PyJWTError, ValueError, TypeError) as error:
+        raise InvalidToken(f"token signature check failed: {type(error).__name__}") from error
+    if not valid:
+        raise InvalidToken("token signature does not match")
+
+
+def signature_key(algorithm: str, key: Any) -> Any:
+    """The key as `verify_signature` takes it for `algorithm`: PyJWT's checks (an HMAC secret
+    that is not a public key, an asymmetric key of the algorithm's type), made once per key."""
+    try:
+        return SIGNATURE_ALGORITHMS[algorithm].prepare_key(key)
+    except (jwt.PyJWTError, ValueError, TypeError) as error:
+        raise InvalidToken(f"key does not fit {algorithm}: {type(error).__name__}") from error
+
+
+def check_claims(
+    claims: Mapping[str, Any],
     *,
     issuer: str | None,
     audience: str | None,
     leeway_seconds: int,
-) -> dict[str, Any]:
-    """Check the signature with `key` for exactly `algorithm`, then the registered claims.
-
-    With `key=None` only the claims are checked: a pre-check, never a verification.
-    """
-    try:
-        claims: dict[str, Any] = jwt.decode(
-            token,
-            key,
-            algorithms=[algorithm],
-            issuer=issuer,
-            audience=audience,
-            leeway=leeway_seconds,
-            options={
-                "verify_signature": key is not None,
-                "verify_exp": True,
-                "verify_nbf": True,
-                "verify_iat": True,
-                "require": ["exp"],
-                "verify_aud": audience is not None,
-                "verify_iss": issuer is not None,
-            },
-        )
-    except (jwt.PyJWTError, ValueError, TypeError) as error:
-        raise InvalidToken(f"token rejected: {type(error).__name__}") from error
+) -> None:
+    """The registered claims, as PyJWT checks them (RFC 7519 §4.1) and stricter: `exp` required,
+    time claims JSON numbers (not strings, booleans or non-finite), `iss` and `aud` checked when
+    configured, `sub` and `jti` strings when present."""
     for name in TIME_CLAIMS:
-        # PyJWT reads `"exp": "1795248218"` as a number; a NumericDate is a JSON number.
-        value = claims.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise InvalidToken(f"token {name} is not a number")
-    return claims
+        if name in claims:
+            value = claims[name]
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+            ):
+                raise InvalidToken(f"token {name} is not a number")
+    if claims.get("exp") is None:
+        raise InvalidToken("token has no exp")
+    now = time.time()
+    if int(claims["exp"]) <= now - leeway_seconds:
+        raise InvalidToken("token has expired")
+    for name in ("nbf", "iat"):
+        if name in claims and int(claims[name]) > now + leeway_seconds:
+            raise InvalidToken(f"token is not yet valid ({name})")
+    if issuer is not None and claims.get("iss") != issuer:
+        raise InvalidToken("token issuer does not match")
+    if audience is not None:
+        audiences = claims.get("aud")
+        if isinstance(audiences, str):
+            audiences = [audiences]
+        if not isinstance(audiences, list) or audience not in audiences:
+            raise InvalidToken("token audience does not match")
+    for name in ("sub", "jti"):
+        if name in claims and not isinstance(claims[name], str):
+            raise InvalidToken(f"token {name} is not a string")
 
 
-def _refuse_duplicate_members(segment: str) -> None:
-    """A JSON object naming a member twice reads differently to different parsers: refuse it."""
+def _base64url(segment: str) -> bytes:
+    """A segment's bytes: base64url alphabet only, and canonical (no stray bits), so that one
+    token has one spelling."""
+    if len(segment) % 4 == 1 or BASE64URL.fullmatch(segment) is None:
+        raise InvalidToken("token segment is not base64url")
+    decoded = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    if base64.urlsafe_b64encode(decoded).rstrip(b"=") != segment.encode("ascii"):
+        raise InvalidToken("token segment is not canonical base64url")
+    return decoded
 
-    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        names = [name for name, _ in pairs]
-        if len(names) != len(set(names)):
-            raise InvalidToken("token JSON names a member twice")
-        return dict(pairs)
 
+def _json_object(data: bytes) -> dict[str, Any]:
+    """A JSON object; one naming a member twice reads differently to different parsers, so it is
+    refused."""
     try:
-        decoded = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-        json.loads(decoded, object_pairs_hook=unique)
+        value = json.loads(data, object_pairs_hook=_unique_members)
     except InvalidToken:
         raise
     except (ValueError, RecursionError) as error:
-        raise InvalidToken("token segment is not base64url JSON") from error
+        raise InvalidToken("token segment is not JSON") from error
+    if not isinstance(value, dict):
+        raise InvalidToken("token segment is not a JSON object")
+    return value
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    members = dict(pairs)
+    if len(members) != len(pairs):
+        raise InvalidToken("token JSON names a member twice")
+    return members
 
 
 def user_id_from_claims(claims: Mapping[str, Any]) -> str:
@@ -371,8 +431,10 @@ class JWKSCache:
         cache_key = (candidates[0].kid, algorithm)
         if cache_key not in self._key_objects:
             try:
-                self._key_objects[cache_key] = jwt.PyJWK(dict(candidates[0].jwk), algorithm).key
-            except (jwt.PyJWTError, TypeError, ValueError):
+                self._key_objects[cache_key] = signature_key(
+                    algorithm, jwt.PyJWK(dict(candidates[0].jwk), algorithm).key
+                )
+            except (InvalidToken, jwt.PyJWTError, TypeError, ValueError):
                 return None  # a malformed published key verifies nothing
         return self._key_objects[cache_key]
 

@@ -26,7 +26,7 @@ from auth.jwt import (
     MAX_TOKEN_BYTES,
     InvalidToken,
     TokenVerifier,
-    read_header,
+    parse_token,
     user_id_from_claims,
 )
 from errors import InvalidCredentials, NotAuthenticated, WrongUser
@@ -687,6 +687,8 @@ async def test_verifier_checks_issuer_and_audience_only_when_configured(
         {"alg": "HS256", "jwk": {"kty": "oct", "k": "AAAA"}},
         {"alg": "HS256", "x5c": ["MIIB"]},
         {"alg": "HS256", "crit": ["b64"], "b64": True},
+        {"alg": "HS256", "b64": False},
+        {"alg": "HS256", "kid": 5},
         {"alg": "none"},
         {"alg": "NoNe"},
         {"alg": None},
@@ -694,30 +696,35 @@ async def test_verifier_checks_issuer_and_audience_only_when_configured(
         {"typ": "JWT"},
     ],
 )
-def test_read_header_refuses_unusable_headers(header: dict[str, Any]) -> None:
+def test_parse_token_refuses_unusable_headers(header: dict[str, Any]) -> None:
     with pytest.raises(InvalidToken):
-        read_header(hmac_signed_token(header, standard_claims()))
+        parse_token(hmac_signed_token(header, standard_claims()))
 
 
 @pytest.mark.parametrize(
     "token",
     ["", "abc", "a.b", "a.b.c.d", "a..c", "!!!.???.***", "é.é.é"],
 )
-def test_read_header_refuses_malformed_tokens(token: str) -> None:
+def test_parse_token_refuses_malformed_tokens(token: str) -> None:
     with pytest.raises(InvalidToken):
-        read_header(token)
+        parse_token(token)
 
 
-def test_read_header_refuses_oversized_tokens_before_decoding() -> None:
+def test_parse_token_refuses_oversized_tokens_before_decoding() -> None:
     oversized = "x" * (MAX_TOKEN_BYTES - 1) + ".a.b"
     with pytest.raises(InvalidToken, match="8 KiB"):
-        read_header(oversized)
+        parse_token(oversized)
 
 
-def test_read_header_returns_the_header_of_a_valid_token() -> None:
-    header = read_header(make_token(headers={"kid": "key-1"}))
-    assert header["alg"] == "HS256"
-    assert header["kid"] == "key-1"
+def test_parse_token_returns_the_parts_of_a_valid_token() -> None:
+    token = make_token(ALICE, headers={"kid": "key-1"})
+    parsed = parse_token(token)
+    assert parsed.header["alg"] == "HS256"
+    assert parsed.header["kid"] == "key-1"
+    assert parsed.claims["sub"] == ALICE
+    assert parsed.signing_input == token.rsplit(".", 1)[0].encode()
+    signature = token.rsplit(".", 1)[1]
+    assert parsed.signature == base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
 
 
 @pytest.mark.parametrize(
@@ -795,6 +802,16 @@ def hs256_from_raw_json(header_json: str, payload_json: str, secret: str = TEST_
         pytest.param('{{"sub": "{alice}", "exp": "{exp}"}}', id="exp-as-string"),
         pytest.param('{{"sub": "{alice}", "exp": true}}', id="exp-as-boolean"),
         pytest.param('{{"sub": "{alice}", "exp": {exp}, "iat": "0"}}', id="iat-as-string"),
+        pytest.param('{{"sub": "{alice}", "exp": Infinity}}', id="exp-infinite"),
+        pytest.param('{{"sub": "{alice}", "exp": NaN}}', id="exp-nan"),
+        pytest.param('{{"sub": "{alice}", "exp": null}}', id="exp-null"),
+        pytest.param('{{"sub": "{alice}", "exp": {exp}, "nbf": NaN}}', id="nbf-nan"),
+        pytest.param('{{"sub": "{alice}", "exp": {exp}, "nbf": null}}', id="nbf-null"),
+        pytest.param('{{"sub": "{alice}", "exp": {exp}, "iat": {exp}}}', id="iat-in-future"),
+        pytest.param('{{"sub": "{alice}", "exp": {exp}, "nbf": {exp}}}', id="nbf-in-future"),
+        pytest.param('{{"sub": "{alice}", "exp": {exp}, "jti": 7}}', id="jti-not-string"),
+        pytest.param('{{"sub": 7, "user_id": "{alice}", "exp": {exp}}}', id="sub-not-string"),
+        pytest.param('["{alice}", {exp}]', id="payload-not-object"),
     ],
 )
 async def test_non_canonical_claims_are_refused_even_when_signed(payload: str) -> None:
@@ -810,6 +827,39 @@ async def test_a_duplicate_header_member_is_refused() -> None:
     )
     with pytest.raises(InvalidToken):
         await TokenVerifier(secret=TEST_SECRET).verify(token)
+
+
+async def test_signed_claims_in_their_plain_form_are_accepted() -> None:
+    """The counterpart of the refusals above: the same JSON, canonical, passes."""
+    exp = int(time.time()) + 600
+    payload = f'{{"sub": "{ALICE}", "exp": {exp}.5, "nbf": {exp - 700}, "iat": {exp - 600}}}'
+    token = hs256_from_raw_json('{"alg": "HS256", "typ": "JWT"}', payload)
+    assert (await TokenVerifier(secret=TEST_SECRET).verify(token)).user_id == ALICE
+
+
+async def test_a_non_canonical_base64_spelling_is_refused_even_when_signed() -> None:
+    """16 bytes of header leave 4 spare bits in the last base64 character: setting them spells
+    the same header differently. Signed over that spelling, it is still refused."""
+    header = '{"alg": "HS256"}'
+    assert len(header) == 16
+    canonical = base64.urlsafe_b64encode(header.encode()).rstrip(b"=").decode()
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    stray = canonical[:-1] + alphabet[alphabet.index(canonical[-1]) | 0b0001]
+    assert stray != canonical
+    assert base64.urlsafe_b64decode(stray + "==") == header.encode()
+    claims = base64.urlsafe_b64encode(
+        json.dumps({"sub": ALICE, "exp": int(time.time()) + 600}).encode()
+    ).rstrip(b"=")
+    for spelling, accepted in ((canonical, True), (stray, False)):
+        signing_input = f"{spelling}.{claims.decode()}"
+        signature = hmac.new(TEST_SECRET.encode(), signing_input.encode(), hashlib.sha256)
+        encoded = base64.urlsafe_b64encode(signature.digest()).rstrip(b"=").decode()
+        token = f"{signing_input}.{encoded}"
+        if accepted:
+            assert (await TokenVerifier(secret=TEST_SECRET).verify(token)).user_id == ALICE
+        else:
+            with pytest.raises(InvalidToken):
+                await TokenVerifier(secret=TEST_SECRET).verify(token)
 
 
 async def test_a_padded_copy_of_a_real_token_is_refused() -> None:

@@ -75,6 +75,28 @@ async def test_tokens_signed_with_a_published_key_act_for_their_user(
     assert other_task.status_code == 404
 
 
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+async def test_a_token_naming_a_published_key_but_not_signed_by_it_is_refused(
+    jwks: JWKSServer, client: AsyncClient, algorithm: str
+) -> None:
+    """The kid and alg of a published key, but another key's signature (an impostor's), or a
+    genuine signature over other claims (Alice's signature on Bob's claims): both 401."""
+    published = SigningKey.generate(algorithm)
+    impostor = SigningKey.generate(algorithm)
+    impostor.kid = published.kid
+    jwks.publish(published)
+    genuine = signed_by(jwks, published)
+    assert (await client.get(f"/api/{ALICE}/tasks", headers=bearer(genuine))).status_code == 200
+    header, _, signature = genuine.split(".")
+    bobs_claims = signed_by(jwks, published, user_id=BOB).split(".")[1]
+    for token, path_user in (
+        (signed_by(jwks, impostor), ALICE),
+        (f"{header}.{bobs_claims}.{signature}", BOB),
+    ):
+        response = await client.get(f"/api/{path_user}/tasks", headers=bearer(token))
+        assert response.status_code == 401, token
+
+
 async def test_better_auths_default_jwks_shape_is_understood(
     jwks: JWKSServer, client: AsyncClient
 ) -> None:
