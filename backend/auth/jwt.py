@@ -138,7 +138,7 @@ class TokenVerifier:
         if isinstance(expires, int | float):
             if len(self._verified) >= VERIFIED_CACHE_SIZE:
                 del self._verified[next(iter(self._verified))]
-            valid_until = min(float(expires), time.time() + VERIFIED_CACHE_SECONDS)
+            valid_until = min(expires, time.time() + VERIFIED_CACHE_SECONDS)
             self._verified[token] = (verified, valid_until, self._key_generation())
         return verified
 
@@ -256,7 +256,7 @@ def check_claims(
             if (
                 isinstance(value, bool)
                 or not isinstance(value, int | float)
-                or not math.isfinite(value)
+                or (isinstance(value, float) and not math.isfinite(value))
             ):
                 raise InvalidToken(f"token {name} is not a number")
     if claims.get("exp") is None:

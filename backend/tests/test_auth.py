@@ -26,6 +26,7 @@ from auth.jwt import (
     MAX_TOKEN_BYTES,
     InvalidToken,
     TokenVerifier,
+    check_claims,
     parse_token,
     user_id_from_claims,
 )
@@ -804,6 +805,7 @@ def hs256_from_raw_json(header_json: str, payload_json: str, secret: str = TEST_
         pytest.param('{{"sub": "{alice}", "exp": {exp}, "iat": "0"}}', id="iat-as-string"),
         pytest.param('{{"sub": "{alice}", "exp": Infinity}}', id="exp-infinite"),
         pytest.param('{{"sub": "{alice}", "exp": NaN}}', id="exp-nan"),
+        pytest.param('{{"sub": "{alice}", "exp": 1e400}}', id="exp-overflows-to-infinity"),
         pytest.param('{{"sub": "{alice}", "exp": null}}', id="exp-null"),
         pytest.param('{{"sub": "{alice}", "exp": {exp}, "nbf": NaN}}', id="nbf-nan"),
         pytest.param('{{"sub": "{alice}", "exp": {exp}, "nbf": null}}', id="nbf-null"),
@@ -827,6 +829,26 @@ async def test_a_duplicate_header_member_is_refused() -> None:
     )
     with pytest.raises(InvalidToken):
         await TokenVerifier(secret=TEST_SECRET).verify(token)
+
+
+def test_time_claims_beyond_float_range_are_compared_not_converted() -> None:
+    """JSON integers have no size limit and an unsigned token's claims are checked before any key
+    is fetched (JWKS tokens): a 400-digit exp or nbf must be a 401 or a pass, never an error."""
+    huge = 10**400
+    check_claims({"sub": ALICE, "exp": huge}, issuer=None, audience=None, leeway_seconds=30)
+    with pytest.raises(InvalidToken):
+        check_claims(
+            {"sub": ALICE, "exp": huge, "nbf": huge}, issuer=None, audience=None, leeway_seconds=30
+        )
+    with pytest.raises(InvalidToken):
+        check_claims({"sub": ALICE, "exp": -huge}, issuer=None, audience=None, leeway_seconds=30)
+
+
+async def test_a_signed_token_with_a_400_digit_exp_is_verified_and_remembered() -> None:
+    verifier = TokenVerifier(secret=TEST_SECRET)
+    token = hs256_from_raw_json('{"alg": "HS256"}', f'{{"sub": "{ALICE}", "exp": 1{"0" * 400}}}')
+    assert (await verifier.verify(token)).user_id == ALICE
+    assert (await verifier.verify(token)).user_id == ALICE
 
 
 async def test_signed_claims_in_their_plain_form_are_accepted() -> None:

@@ -97,6 +97,21 @@ async def test_a_token_naming_a_published_key_but_not_signed_by_it_is_refused(
         assert response.status_code == 401, token
 
 
+async def test_a_400_digit_exp_is_a_401_or_a_200_never_a_500(
+    jwks: JWKSServer, client: AsyncClient
+) -> None:
+    """Claims are checked before the key is fetched: an unsigned-for token with an exp too large
+    for a float must be refused like any other forgery, and a genuine one accepted."""
+    published = SigningKey.generate("EdDSA")
+    impostor = SigningKey.generate("EdDSA")
+    impostor.kid = published.kid
+    jwks.publish(published)
+    for key, expected in ((impostor, 401), (published, 200)):
+        token = signed_by(jwks, key, lifetime=10**400)
+        response = await client.get(f"/api/{ALICE}/tasks", headers=bearer(token))
+        assert response.status_code == expected
+
+
 async def test_better_auths_default_jwks_shape_is_understood(
     jwks: JWKSServer, client: AsyncClient
 ) -> None:
