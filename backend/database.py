@@ -102,12 +102,18 @@ class PostgresDatabase(_Statements):
         conninfo = psycopg_conninfo(url)
         connect_timeout = settings.database_connect_timeout_seconds
 
+        # Server-side prepared statements spare PostgreSQL parsing and planning each statement
+        # (half its CPU for a primary-key read), but a transaction-mode pooler without
+        # protocol-level support hands a connection's statement names to other clients' server
+        # sessions: off unless DATABASE_PREPARED_STATEMENTS says the path supports them.
+        # psycopg prepares a statement from its sixth run on a connection (prepare_threshold).
+        prepare_threshold = 5 if settings.database_prepared_statements else None
+
         async def connect() -> PooledConnection:
             return await PooledConnection.connect(
                 conninfo,
                 autocommit=True,
-                # Server-side prepared statements do not survive a transaction-mode pooler.
-                prepare_threshold=None,
+                prepare_threshold=prepare_threshold,
                 connect_timeout=connect_timeout,
                 row_factory=tuple_row,
                 context=ADAPTERS,

@@ -8,7 +8,7 @@ with the same HS256 check of the same bearer token, the same SQL and the same JS
 
 Configured from the environment, like the app: BETTER_AUTH_SECRET, DATABASE_URL,
 DATABASE_POOL_SIZE + DATABASE_MAX_OVERFLOW (the connections per worker), JWT_LEEWAY_SECONDS,
-DATABASE_STATEMENT_TIMEOUT_MS.
+DATABASE_STATEMENT_TIMEOUT_MS, DATABASE_PREPARED_STATEMENTS.
 
 What it leaves out on purpose (each is a cost the app pays and the ratio shows): middleware
 (request log, request id, deadline, CORS, security headers, body size limit), the rate limiter,
@@ -85,8 +85,17 @@ class Pool:
     opens a new one).
     """
 
-    def __init__(self, conninfo: str, size: int, timeout: float, statement_timeout_ms: int) -> None:
+    def __init__(
+        self,
+        conninfo: str,
+        size: int,
+        timeout: float,
+        statement_timeout_ms: int,
+        *,
+        prepared_statements: bool,
+    ) -> None:
         self._conninfo = conninfo
+        self._prepare_threshold = 5 if prepared_statements else None
         self._size = size
         self._timeout = timeout
         self._options = f"-c TimeZone=UTC -c statement_timeout={int(statement_timeout_ms)}"
@@ -99,8 +108,8 @@ class Pool:
             return await psycopg.AsyncConnection.connect(
                 self._conninfo,
                 autocommit=True,
-                # As the app: no server-side prepared statements (PgBouncer transaction mode).
-                prepare_threshold=None,
+                # As the app: server-side prepared statements only when configured.
+                prepare_threshold=self._prepare_threshold,
                 connect_timeout=10,
                 options=self._options,
             )
@@ -150,6 +159,8 @@ POOL = Pool(
     + int(os.environ.get("DATABASE_MAX_OVERFLOW", "5")),
     timeout=float(os.environ.get("DATABASE_POOL_TIMEOUT_SECONDS", "5")),
     statement_timeout_ms=int(os.environ.get("DATABASE_STATEMENT_TIMEOUT_MS", "5000")),
+    prepared_statements=os.environ.get("DATABASE_PREPARED_STATEMENTS", "").lower()
+    in {"1", "true", "yes", "on"},
 )
 
 

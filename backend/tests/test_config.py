@@ -1,6 +1,7 @@
 """Settings and database URLs: what users paste must work, unsafe production values must not."""
 
 import pytest
+from httpx import ASGITransport, AsyncClient
 from pydantic import ValidationError
 from sqlalchemy import text
 
@@ -149,3 +150,37 @@ async def test_timestamps_are_utc_whatever_the_session_time_zone(postgres_url: s
         assert task["created_at"].endswith("Z")
         stamp = datetime.fromisoformat(task["created_at"])
         assert abs((stamp - before).total_seconds()) < 60
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+async def test_server_side_prepared_statements_only_when_configured(
+    postgres_url: str, prepared: bool
+) -> None:
+    """DATABASE_PREPARED_STATEMENTS off (the default): nothing is prepared on the server, as a
+    transaction-mode pooler requires; on: the request statements are, and answers are the same."""
+    import uuid
+
+    from main import create_app
+    from tests.support import auth
+
+    user = f"prepared-{uuid.uuid4().hex[:8]}"
+    app = create_app(
+        make_settings(database_url=postgres_url, database_prepared_statements=prepared)
+    )
+    async with app.router.lifespan_context(app):
+        transport = ASGITransport(app=app)
+        async with AsyncClient(transport=transport, base_url="http://test") as client:
+            created = await client.post(
+                f"/api/{user}/tasks", json={"title": "t"}, headers=auth(user)
+            )
+            task = created.json()
+            for _ in range(8):  # psycopg prepares a statement from its sixth run
+                listed = await client.get(f"/api/{user}/tasks", headers=auth(user))
+                read = await client.get(f"/api/{user}/tasks/{task['id']}", headers=auth(user))
+                assert listed.json() == [task]
+                assert read.json() == task
+        # The pool hands out the most recently used connection: the one that ran them all.
+        prepared_count = await app.state.database.scalar(
+            text("SELECT count(*) FROM pg_prepared_statements")
+        )
+    assert (prepared_count > 0) is prepared
