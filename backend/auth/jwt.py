@@ -174,6 +174,14 @@ class TokenVerifier:
             user_id_from_claims(parsed.claims)
             key = await self._jwks.key_for(parsed.header.get("kid"), algorithm)
             verify_signature(parsed, key)
+            # Again after the wait for Better Auth's keys (up to a fetch timeout plus a
+            # cool-down): a token that expired meanwhile is refused.
+            check_claims(
+                parsed.claims,
+                issuer=self._jwks_issuer,
+                audience=self._jwks_audience,
+                leeway_seconds=self._leeway,
+            )
         else:
             raise InvalidToken(f"algorithm {algorithm[:16]!r} is not accepted")
         return VerifiedToken(user_id=user_id_from_claims(parsed.claims), claims=parsed.claims)
@@ -273,7 +281,11 @@ def check_claims(
         audiences = claims.get("aud")
         if isinstance(audiences, str):
             audiences = [audiences]
-        if not isinstance(audiences, list) or audience not in audiences:
+        if (
+            not isinstance(audiences, list)
+            or not all(isinstance(name, str) for name in audiences)
+            or audience not in audiences
+        ):
             raise InvalidToken("token audience does not match")
     for name in ("sub", "jti"):
         if name in claims and not isinstance(claims[name], str):
@@ -431,11 +443,12 @@ class JWKSCache:
         cache_key = (candidates[0].kid, algorithm)
         if cache_key not in self._key_objects:
             try:
-                self._key_objects[cache_key] = signature_key(
-                    algorithm, jwt.PyJWK(dict(candidates[0].jwk), algorithm).key
-                )
+                key = signature_key(algorithm, jwt.PyJWK(dict(candidates[0].jwk), algorithm).key)
             except (InvalidToken, jwt.PyJWTError, TypeError, ValueError):
                 return None  # a malformed published key verifies nothing
+            if not callable(getattr(key, "verify", None)):
+                return None  # a private key published by mistake is not used
+            self._key_objects[cache_key] = key
         return self._key_objects[cache_key]
 
     def _refresh_in_background(self) -> None:

@@ -82,6 +82,7 @@ class JWKSServer:
         self.keys: list[dict[str, Any]] = []
         self.fetches = 0
         self.port = 0
+        self.delay_seconds = 0.0  # how long each answer takes
 
     @property
     def base_url(self) -> str:
@@ -92,6 +93,7 @@ class JWKSServer:
 
     async def _jwks(self, _request: Request) -> JSONResponse:
         self.fetches += 1
+        await asyncio.sleep(self.delay_seconds)
         return JSONResponse({"keys": self.keys})
 
     @asynccontextmanager

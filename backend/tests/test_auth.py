@@ -665,6 +665,9 @@ async def test_verifier_leeway_is_configurable(leeway: int) -> None:
         (None, AUDIENCE, {"aud": AUDIENCE, "iss": "anyone"}, True),
         (None, AUDIENCE, {"aud": "other"}, False),
         (None, AUDIENCE, {}, False),
+        (None, AUDIENCE, {"aud": [AUDIENCE, "other"]}, True),
+        (None, AUDIENCE, {"aud": [AUDIENCE, 1]}, False),
+        (None, AUDIENCE, {"aud": [AUDIENCE, None]}, False),
         (None, None, {"iss": "anyone", "aud": "anything"}, True),
     ],
 )

@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from httpx import AsyncClient
+from jwt.algorithms import RSAAlgorithm
 
 from tests.jwks_server import JWKSServer, SigningKey, closed_port_url, silent_listener
 from tests.support import ALICE, BOB, auth, running_app
@@ -332,6 +334,34 @@ async def test_a_kid_that_is_not_a_string_is_refused(jwks: JWKSServer, client: A
     header = b64url(json.dumps({"alg": "EdDSA", "kid": 7}).encode())
     token = f"{header}.{payload}.{signature}"
     assert (await client.get(f"/api/{ALICE}/tasks", headers=bearer(token))).status_code == 401
+
+
+async def test_a_private_key_published_by_mistake_verifies_nothing(
+    jwks: JWKSServer, client: AsyncClient
+) -> None:
+    """A JWKS carrying an RSA private key (with `d`): never used, a 401, not a 500."""
+    key = SigningKey.generate("RS256")
+    assert isinstance(key.private_key, rsa.RSAPrivateKey)
+    private_jwk = RSAAlgorithm.to_jwk(key.private_key, as_dict=True)
+    jwks.keys = [{**private_jwk, "kid": key.kid, "alg": "RS256"}]
+    response = await client.get(f"/api/{ALICE}/tasks", headers=bearer(signed_by(jwks, key)))
+    assert response.status_code == 401
+
+
+async def test_a_token_that_expires_while_the_keys_are_fetched_is_refused(
+    jwks: JWKSServer, tmp_path: Path
+) -> None:
+    """Claims are checked before Better Auth is asked for keys, and again after the wait."""
+    key = SigningKey.generate("EdDSA")
+    jwks.publish(key)
+    jwks.delay_seconds = 2.0  # within the fetch timeout (2.5 s)
+    async with backend_for(jwks.base_url, tmp_path / "db.sqlite", jwt_leeway_seconds=0) as client:
+        expiring = signed_by(jwks, key, lifetime=1)
+        response = await client.get(f"/api/{ALICE}/tasks", headers=bearer(expiring))
+        assert response.status_code == 401
+        lasting = signed_by(jwks, key)  # the keys are cached now: no wait
+        response = await client.get(f"/api/{ALICE}/tasks", headers=bearer(lasting))
+        assert response.status_code == 200
 
 
 async def test_malformed_published_keys_are_skipped(jwks: JWKSServer, client: AsyncClient) -> None:
