@@ -229,10 +229,8 @@ async def list_tasks(request: Request) -> Response:
     return json_response(tasks, 200, {"X-Total-Count": str(len(rows))})
 
 
-async def create_task(request: Request) -> Response:
-    user_id = authorize(request)
-    if isinstance(user_id, Response):
-        return user_id
+async def title_of(request: Request) -> str | Response:
+    """The body's `title`, stripped; or the 422 answer."""
     try:
         body = orjson.loads(await request.body())
     except orjson.JSONDecodeError:
@@ -240,8 +238,18 @@ async def create_task(request: Request) -> Response:
     title = body.get("title") if isinstance(body, dict) else None
     if not isinstance(title, str) or not 1 <= len(title.strip()) <= TITLE_MAX_LENGTH:
         return error(422, "title must be 1-200 characters.")
+    return title.strip()
+
+
+async def create_task(request: Request) -> Response:
+    user_id = authorize(request)
+    if isinstance(user_id, Response):
+        return user_id
+    title = await title_of(request)
+    if isinstance(title, Response):
+        return title
     now = datetime.now(UTC)
-    rows = await POOL.fetch(CREATE_SQL, (user_id, title.strip(), None, False, now, now))
+    rows = await POOL.fetch(CREATE_SQL, (user_id, title, None, False, now, now))
     return task_response(rows[0], 201)
 
 
@@ -266,14 +274,10 @@ async def rename_task(request: Request) -> Response:
     user_id = authorize(request)
     if isinstance(user_id, Response):
         return user_id
-    try:
-        body = orjson.loads(await request.body())
-    except orjson.JSONDecodeError:
-        return error(422, "The body is not JSON.")
-    title = body.get("title") if isinstance(body, dict) else None
-    if not isinstance(title, str) or not 1 <= len(title.strip()) <= TITLE_MAX_LENGTH:
-        return error(422, "title must be 1-200 characters.")
-    params = (title.strip(), datetime.now(UTC), task_id_of(request), user_id)
+    title = await title_of(request)
+    if isinstance(title, Response):
+        return title
+    params = (title, datetime.now(UTC), task_id_of(request), user_id)
     rows = await POOL.fetch(RENAME_SQL, params)
     return task_response(rows[0]) if rows else error(404, "Task not found.")
 

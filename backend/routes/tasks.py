@@ -51,22 +51,26 @@ WRITE_RESPONSES: dict[int | str, dict[str, Any]] = {
     status.HTTP_412_PRECONDITION_FAILED: _error("If-Match no longer matches the task's ETag."),
     status.HTTP_413_CONTENT_TOO_LARGE: _error("The body is over the size limit."),
 }
+
+
 # Read from the request rather than declared: a declared header is one more parameter for FastAPI
 # to validate on every read, and this one is only ever compared.
-IF_NONE_MATCH = {
-    "name": "If-None-Match",
-    "in": "header",
-    "required": False,
-    "schema": {"type": "string"},
-    "description": "304 while the answer still has one of these ETags.",
-}
-IF_MATCH = {
-    "name": "If-Match",
-    "in": "header",
-    "required": False,
-    "schema": {"type": "string"},
-    "description": "Change only if the task still has one of these ETags; else 412.",
-}
+def _optional_header(name: str, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": description,
+    }
+
+
+IF_NONE_MATCH = _optional_header(
+    "If-None-Match", "304 while the answer still has one of these ETags."
+)
+IF_MATCH = _optional_header(
+    "If-Match", "Change only if the task still has one of these ETags; else 412."
+)
 
 # If-Match is read from the request (`expected_etags`) and documented here.
 CONDITIONAL: dict[str, Any] = {"openapi_extra": {"parameters": [IF_MATCH]}}
