@@ -114,7 +114,15 @@ def run(uv: str, *command: str) -> int:
         return 130
 
 
-def main() -> int:
+PASS_THROUGH = frozenset({"test", "bench"})
+
+
+def parse_arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The command and its options; for `test` and `bench`, everything after the command goes
+    to pytest or the benchmark as it is (argparse alone would reject `test -k toggle`)."""
+    passed: list[str] = []
+    if argv and argv[0] in PASS_THROUGH:
+        argv, passed = argv[:1], argv[1:]
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -125,17 +133,22 @@ def main() -> int:
     serve.add_argument("--reload", action="store_true", help="restart on code changes")
     serve.add_argument("--production", action="store_true", help="the production server")
     serve.add_argument("--workers", default=os.environ.get("WEB_CONCURRENCY", "2"))
-    test = commands.add_parser("test", help="lint, type-check and run every test")
-    test.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    commands.add_parser(
+        "test", help="lint, type-check and run every test; what follows goes to pytest"
+    )
     commands.add_parser("check", help="lint and type-check")
     commands.add_parser("migrate", help="apply the migrations to the configured database")
-    bench = commands.add_parser("bench", help="run the performance benchmark")
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    commands.add_parser(
+        "bench", help="run the performance benchmark; what follows goes to it (--quick, --json F)"
+    )
     token = commands.add_parser("token", help="print a development token")
     token.add_argument("user_id")
     token.add_argument("--minutes", default="60")
-    arguments = parser.parse_args()
+    return parser.parse_args(argv), passed
 
+
+def main() -> int:
+    arguments, passed = parse_arguments(sys.argv[1:])
     uv = find_uv()
     sync(uv, development=not (arguments.command == "serve" and arguments.production))
     if arguments.command == "serve":
@@ -147,10 +160,10 @@ def main() -> int:
                 return code
         if arguments.command == "check":
             return 0
-        say("pytest " + " ".join(arguments.pytest_args))
-        return run(uv, "pytest", *arguments.pytest_args)
+        say("pytest " + " ".join(passed))
+        return run(uv, "pytest", *passed)
     if arguments.command == "bench":
-        return become(uv, "python", "-m", "bench.run", *arguments.bench_args)
+        return become(uv, "python", "-m", "bench.run", *passed)
     if arguments.command == "migrate":
         return run(uv, "alembic", "upgrade", "head")
     return run(uv, "python", "dev_token.py", arguments.user_id, "--minutes", arguments.minutes)
