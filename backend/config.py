@@ -75,9 +75,9 @@ class Settings(BaseSettings):
     database_ping_idle_seconds: float = Field(default=1.0, ge=0)
     # Per transaction (SET LOCAL); 0 turns it off.
     database_statement_timeout_ms: int = Field(default=5000, ge=0)
-    # Server-side prepared statements: only for a direct connection or a pooler that supports
-    # them at the protocol level (PgBouncer >= 1.21 with max_prepared_statements).
-    database_prepared_statements: bool = False
+    # Server-side prepared statements (database.py): turned off by themselves behind a pooler
+    # that cannot keep them; false never tries.
+    database_prepared_statements: bool = True
     # Whole-request bound: past it the answer is 503, never a hang.
     request_timeout_seconds: float = Field(default=11, gt=0, le=300)
 

@@ -11,11 +11,16 @@ Single statements run in autocommit: one round trip each. `atomic()` groups seve
 transaction, with `SET LOCAL statement_timeout`.
 """
 
+import logging
+import secrets
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Protocol, TypeVar
 
 import psycopg
+from psycopg import AsyncCursor
+from psycopg._preparing import Prepare, PrepareManager
+from psycopg._queries import PostgresQuery
 from psycopg.adapt import AdaptersMap
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import tuple_row
@@ -31,6 +36,7 @@ from sqlalchemy.sql.elements import ClauseElement
 from config import Settings
 from pool import ConnectionPool, PooledConnection
 
+logger = logging.getLogger("todo.database")
 Parameters = Mapping[str, Any] | None
 StatementT = TypeVar("StatementT", bound=Executable)
 POSTGRES = PGDialectAsync_psycopg()  # type: ignore[no-untyped-call]
@@ -44,6 +50,40 @@ _static_statements: set[int] = set()
 # PostgreSQL asks for binary results.
 ADAPTERS = AdaptersMap(psycopg.adapters)
 ADAPTERS.register_loader("timestamptz", TimestampBinaryLoader)
+
+
+# psycopg prepares a statement on the server from its sixth run on a connection.
+PREPARE_THRESHOLD = 5
+# What PostgreSQL answers when a statement name is missing from, or already taken in, the server
+# session: the sign of a transaction-mode pooler that moves a client between server sessions
+# without carrying its prepared statements (PgBouncer before 1.21, or max_prepared_statements=0).
+STATEMENT_NAME_ERRORS = (
+    psycopg.errors.InvalidSqlStatementName,
+    psycopg.errors.DuplicatePreparedStatement,
+)
+
+
+class UniqueStatementNames(PrepareManager):
+    """psycopg's prepared-statement bookkeeping, with names no other connection uses.
+
+    psycopg names a connection's statements `_pg3_0`, `_pg3_1`, … on every connection alike.
+    Behind a pooler that shares server sessions between clients without tracking prepared
+    statements, one client's `_pg3_3` could then run another client's statement of that name
+    (another statement, the same parameter types: a read could run a delete). With a random
+    prefix per connection a name only ever stands for its own statement: on a server session
+    that lacks it PostgreSQL answers "does not exist" before running anything, and the
+    database turns preparing off and runs the statement again (`PostgresDatabase._execute`).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._prefix = f"todo_{secrets.token_hex(8)}".encode()
+
+    def get(self, query: PostgresQuery, prepare: bool | None = None) -> tuple[Prepare, bytes]:
+        decision, name = super().get(query, prepare)
+        if decision is Prepare.SHOULD:
+            name = self._prefix + name
+        return decision, name
 
 
 class Database(Protocol):
@@ -103,21 +143,26 @@ class PostgresDatabase(_Statements):
         connect_timeout = settings.database_connect_timeout_seconds
 
         # Server-side prepared statements spare PostgreSQL parsing and planning each statement
-        # (half its CPU for a primary-key read), but a transaction-mode pooler without
-        # protocol-level support hands a connection's statement names to other clients' server
-        # sessions: off unless DATABASE_PREPARED_STATEMENTS says the path supports them.
-        # psycopg prepares a statement from its sixth run on a connection (prepare_threshold).
-        prepare_threshold = 5 if settings.database_prepared_statements else None
+        # (half its CPU for a primary-key read). A direct connection keeps them, and so does a
+        # pooler that supports them at the protocol level (Neon's; PgBouncer >= 1.21 with
+        # max_prepared_statements). Behind one that does not, the first statement that misses
+        # its name turns them off (`_execute`); DATABASE_PREPARED_STATEMENTS=false never starts.
+        self.prepare_threshold = (
+            PREPARE_THRESHOLD if settings.database_prepared_statements else None
+        )
 
         async def connect() -> PooledConnection:
-            return await PooledConnection.connect(
+            connection = await PooledConnection.connect(
                 conninfo,
                 autocommit=True,
-                prepare_threshold=prepare_threshold,
+                prepare_threshold=None,
                 connect_timeout=connect_timeout,
                 row_factory=tuple_row,
                 context=ADAPTERS,
             )
+            connection._prepared = UniqueStatementNames()
+            connection.prepare_threshold = self.prepare_threshold
+            return connection
 
         self.pool = ConnectionPool(
             connect,
@@ -156,7 +201,7 @@ class PostgresDatabase(_Statements):
         sql, values = self.compile(statement, parameters)
         connection = await self.pool.acquire()
         try:
-            return await (await connection.statements.execute(sql, values, binary=True)).fetchall()
+            return await (await self._execute(connection, sql, values)).fetchall()
         finally:
             self.pool.release(connection)
 
@@ -164,16 +209,44 @@ class PostgresDatabase(_Statements):
         sql, values = self.compile(statement, parameters)
         connection = await self.pool.acquire()
         try:
-            return await (await connection.statements.execute(sql, values, binary=True)).fetchone()
+            return await (await self._execute(connection, sql, values)).fetchone()
         finally:
             self.pool.release(connection)
+
+    async def _execute(
+        self, connection: PooledConnection, sql: str, values: dict[str, Any]
+    ) -> AsyncCursor[Any]:
+        """One statement in autocommit. A statement name missing on the server (see
+        `UniqueStatementNames`) fails before anything runs: preparing stops on every connection
+        and the statement runs again, unprepared."""
+        try:
+            return await connection.statements.execute(sql, values, binary=True)
+        except STATEMENT_NAME_ERRORS:
+            if connection.prepare_threshold is None:
+                raise
+            self.stop_preparing(connection)
+            return await connection.statements.execute(sql, values, binary=True)
+
+    def stop_preparing(self, connection: PooledConnection) -> None:
+        if self.prepare_threshold is not None:
+            logger.warning(
+                "server-side prepared statements turned off: a prepared statement was missing "
+                "on the server, as behind a transaction-mode pooler without support for them "
+                "(PgBouncer before 1.21, or max_prepared_statements = 0); "
+                "DATABASE_PREPARED_STATEMENTS=false skips the attempt"
+            )
+        self.prepare_threshold = None
+        connection.prepare_threshold = None
+        for idle in self.pool.idle_connections():
+            idle.prepare_threshold = None
 
     @asynccontextmanager
     async def atomic(self) -> AsyncIterator[Database]:
         async with self.pool.connection() as connection, connection.transaction():
             if self.statement_timeout_ms:
                 await connection.statements.execute(
-                    f"SET LOCAL statement_timeout = {int(self.statement_timeout_ms)}"
+                    f"SET LOCAL statement_timeout = {int(self.statement_timeout_ms)}",
+                    prepare=False,
                 )
             yield _PsycopgTransaction(self, connection)
 
@@ -183,7 +256,8 @@ class PostgresDatabase(_Statements):
 
 
 class _PsycopgTransaction(_Statements):
-    """The statements of one `atomic()` block, on its connection."""
+    """The statements of one `atomic()` block, on its connection. Never prepared: a statement
+    name missing on the server would abort the transaction, which cannot be run again here."""
 
     dialect = "postgresql"
 
@@ -196,12 +270,12 @@ class _PsycopgTransaction(_Statements):
     ) -> Sequence[Any]:
         sql, values = self._database.compile(statement, parameters)
         cursor = self._connection.statements
-        return await (await cursor.execute(sql, values, binary=True)).fetchall()
+        return await (await cursor.execute(sql, values, binary=True, prepare=False)).fetchall()
 
     async def fetch_one(self, statement: Executable, parameters: Parameters = None) -> Any | None:
         sql, values = self._database.compile(statement, parameters)
         cursor = self._connection.statements
-        return await (await cursor.execute(sql, values, binary=True)).fetchone()
+        return await (await cursor.execute(sql, values, binary=True, prepare=False)).fetchone()
 
     def atomic(self) -> AbstractAsyncContextManager[Database]:
         raise RuntimeError("already in a transaction")

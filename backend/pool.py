@@ -101,6 +101,9 @@ class ConnectionPool:
     def idle(self) -> int:
         return len(self._idle)
 
+    def idle_connections(self) -> list[PooledConnection]:
+        return [connection for connection, _ in self._idle]
+
     async def open(self) -> None:
         """Start closing idle connections in the background. Connections open on demand: the
         app starts while the database is down."""
@@ -146,7 +149,7 @@ class ConnectionPool:
                 continue
             if now - returned_at > self.ping_idle:
                 try:
-                    await connection.execute("")
+                    await connection.execute("", prepare=False)
                 except psycopg.Error:
                     # Dropped while idle: a new connection in the same slot, so that whoever
                     # queued during the ping does not overtake this request.

@@ -108,7 +108,7 @@ class Pool:
             return await psycopg.AsyncConnection.connect(
                 self._conninfo,
                 autocommit=True,
-                # As the app: server-side prepared statements only when configured.
+                # As the app: server-side prepared statements unless configured off.
                 prepare_threshold=self._prepare_threshold,
                 connect_timeout=10,
                 options=self._options,
@@ -159,8 +159,8 @@ POOL = Pool(
     + int(os.environ.get("DATABASE_MAX_OVERFLOW", "5")),
     timeout=float(os.environ.get("DATABASE_POOL_TIMEOUT_SECONDS", "5")),
     statement_timeout_ms=int(os.environ.get("DATABASE_STATEMENT_TIMEOUT_MS", "5000")),
-    prepared_statements=os.environ.get("DATABASE_PREPARED_STATEMENTS", "").lower()
-    in {"1", "true", "yes", "on"},
+    prepared_statements=os.environ.get("DATABASE_PREPARED_STATEMENTS", "true").lower()
+    not in {"0", "false", "no", "off"},
 )
 
 

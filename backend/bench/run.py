@@ -848,7 +848,7 @@ def print_report(
         f"run: uvicorn --workers {run['workers']} --loop uvloop --http httptools, app and "
         f"baseline alike; ENVIRONMENT=production, RATE_LIMIT_PER_SECOND=0, pool "
         f"{run['pool_size']}+{run['max_overflow']} per worker, DATABASE_PREPARED_STATEMENTS="
-        f"{run.get('prepared_statements', 'false')}; wrk -t{run['wrk_threads']} "
+        f"{run.get('prepared_statements', 'true')}; wrk -t{run['wrk_threads']} "
         f"-c{run['connections']}, {run['warmup']} s warm-up + {run['duration']} s per run",
         file=out,
     )
@@ -1160,7 +1160,7 @@ def benchmark(options: Options, started: float) -> int:
                 "warmup": options.warmup,
                 "pool_size": pool_size,
                 "max_overflow": max_overflow,
-                "prepared_statements": env.get("DATABASE_PREPARED_STATEMENTS", "false"),
+                "prepared_statements": env.get("DATABASE_PREPARED_STATEMENTS", "true"),
                 "postgresql": postgresql,
                 "wrk": wrk_version(wrk),
                 "data": data_text,

@@ -10,10 +10,11 @@ the foreground as our child process, from a short directory of its own; its log 
 (CI=true: failed); `.ci/install-test-deps` installs Debian's.
 
 What a psycopg 3 client needs from PgBouncer 1.18 in transaction mode (checked against it):
-- `prepare_threshold=None` on the client: 1.18 does not track server-side prepared
+- `prepare_threshold=None` on a plain psycopg client: 1.18 does not track server-side prepared
   statements, and psycopg prepares a query after its fifth run by default; with many clients
   sharing server connections that fails with DuplicatePreparedStatement ("prepared statement
-  "_pg3_0" already exists").
+  "_pg3_0" already exists"), or runs another client's statement of that name. The app names
+  its statements apart and turns preparing off by itself (database.py, tests/test_prepared.py).
 - nothing in `ignore_startup_parameters` for psycopg itself: libpq sends only user, database
   and, when asked, application_name and client_encoding, which PgBouncer tracks.
   `extra_float_digits` is listed for other drivers (pgjdbc, asyncpg). `options` is NOT
@@ -241,6 +242,7 @@ def pgbouncer(
     user: str = "postgres",
     password: str | None = None,
     client_tls: bool = False,
+    default_pool_size: int = 10,
 ) -> Iterator[str]:
     """A started PgBouncer in front of the server; yields its client URL; always stopped."""
     require_pgbouncer()
@@ -255,6 +257,7 @@ def pgbouncer(
             user=user,
             password=password,
             client_tls=client_tls,
+            default_pool_size=default_pool_size,
         )
         bouncer.start()
         try:

@@ -156,8 +156,8 @@ async def test_timestamps_are_utc_whatever_the_session_time_zone(postgres_url: s
 async def test_server_side_prepared_statements_only_when_configured(
     postgres_url: str, prepared: bool
 ) -> None:
-    """DATABASE_PREPARED_STATEMENTS off (the default): nothing is prepared on the server, as a
-    transaction-mode pooler requires; on: the request statements are, and answers are the same."""
+    """DATABASE_PREPARED_STATEMENTS on (the default): the request statements are prepared on the
+    server; off: nothing is; the answers are the same (tests/test_prepared.py has the rest)."""
     import uuid
 
     from main import create_app
