@@ -252,7 +252,8 @@ class PostgresDatabase(_Statements):
 
     async def ping(self) -> None:
         async with self.pool.connection() as connection:
-            await connection.execute("SELECT 1")
+            # Never prepared: a readiness check must not depend on the pooler keeping statements.
+            await connection.execute("SELECT 1", prepare=False)
 
 
 class _PsycopgTransaction(_Statements):

@@ -84,6 +84,20 @@ async def test_a_statement_missing_on_the_server_turns_preparing_off_and_still_r
         assert await server_statement_names(database) == []
 
 
+async def test_readiness_pings_and_transactions_are_never_prepared(postgres_url: str) -> None:
+    """Neither can run again after a missing statement name: /health/ready's ping would answer
+    503, a transaction would be aborted."""
+    async with postgres_database(
+        postgres_url, database_pool_size=1, database_max_overflow=0
+    ) as database:
+        for n in range(2 * PREPARE_THRESHOLD):
+            await database.ping()
+            async with database.atomic() as transaction:
+                assert await transaction.scalar(DOUBLE, {"n": n}) == 2 * n
+        assert await server_statement_names(database) == []
+        assert database.prepare_threshold == PREPARE_THRESHOLD
+
+
 async def test_switched_off_nothing_is_ever_prepared(postgres_url: str) -> None:
     async with postgres_database(
         postgres_url,
