@@ -13,6 +13,7 @@ transaction, with `SET LOCAL statement_timeout`.
 
 import logging
 import secrets
+import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Protocol, TypeVar
@@ -64,7 +65,8 @@ STATEMENT_NAME_ERRORS = (
 
 
 class UniqueStatementNames(PrepareManager):
-    """psycopg's prepared-statement bookkeeping, with names no other connection uses.
+    """psycopg's prepared-statement bookkeeping, with names no other connection uses, and
+    nothing ever deallocated.
 
     psycopg names a connection's statements `_pg3_0`, `_pg3_1`, … on every connection alike.
     Behind a pooler that shares server sessions between clients without tracking prepared
@@ -73,7 +75,16 @@ class UniqueStatementNames(PrepareManager):
     prefix per connection a name only ever stands for its own statement: on a server session
     that lacks it PostgreSQL answers "does not exist" before running anything, and the
     database turns preparing off and runs the statement again (`PostgresDatabase._execute`).
+
+    No DEALLOCATE is sent, by name or ALL: psycopg sends them after a statement has run (to
+    evict the least recently used past `prepared_max`, and after a rollback), where a failure
+    would look like the statement's own and be run again, and behind an old pooler DEALLOCATE
+    ALL lands on another client's server session. The statements are few (the app's query
+    shapes) and go with the connection (`max_lifetime`); forgotten ones are never reused, as
+    names are never reused.
     """
+
+    prepared_max = sys.maxsize  # nothing evicted: `_rotate` never queues a DEALLOCATE
 
     def __init__(self) -> None:
         super().__init__()
@@ -84,6 +95,14 @@ class UniqueStatementNames(PrepareManager):
         if decision is Prepare.SHOULD:
             name = self._prefix + name
         return decision, name
+
+    def clear(self) -> bool:
+        """Forget the statements here only (psycopg would also queue DEALLOCATE ALL)."""
+        self._counts.clear()
+        if not self._names:
+            return False
+        self._names.clear()
+        return True
 
 
 class Database(Protocol):

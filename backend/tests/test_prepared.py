@@ -98,6 +98,34 @@ async def test_readiness_pings_and_transactions_are_never_prepared(postgres_url:
         assert database.prepare_threshold == PREPARE_THRESHOLD
 
 
+async def test_nothing_is_deallocated_after_a_rollback_or_past_a_hundred_statements(
+    postgres_url: str,
+) -> None:
+    """psycopg would send DEALLOCATE after a statement has run: past 100 statements by name
+    (with a libpq older than 17, where a missing name fails and the statement that ran would be
+    run again) and after any rollback as DEALLOCATE ALL (behind an old pooler, on another
+    client's server session). Neither is sent."""
+    async with postgres_database(
+        postgres_url, database_pool_size=1, database_max_overflow=0
+    ) as database:
+        shapes = [text(f"SELECT CAST(:n AS integer) + {shape}") for shape in range(110)]
+        for statement in shapes:
+            for n in range(PREPARE_THRESHOLD + 1):
+                await database.scalar(statement, {"n": n})
+        assert len(await server_statement_names(database)) == 110
+
+        async def rolled_back() -> None:
+            async with database.atomic() as transaction:
+                await transaction.scalar(DOUBLE, {"n": 1})
+                raise RuntimeError("rolled back")
+
+        with pytest.raises(RuntimeError):
+            await rolled_back()
+        assert len(await server_statement_names(database)) == 110
+        assert await database.scalar(shapes[0], {"n": 1}) == 1
+        assert database.prepare_threshold == PREPARE_THRESHOLD
+
+
 async def test_switched_off_nothing_is_ever_prepared(postgres_url: str) -> None:
     async with postgres_database(
         postgres_url,
