@@ -243,10 +243,10 @@ class PostgresDatabase(_Statements):
         except STATEMENT_NAME_ERRORS:
             if connection.prepare_threshold is None:
                 raise
-            self.stop_preparing(connection)
+            self._stop_preparing(connection)
             return await connection.statements.execute(sql, values, binary=True)
 
-    def stop_preparing(self, connection: PooledConnection) -> None:
+    def _stop_preparing(self, connection: PooledConnection) -> None:
         if self.prepare_threshold is not None:
             logger.warning(
                 "server-side prepared statements turned off: a prepared statement was missing "
