@@ -1,14 +1,14 @@
 """The performance benchmark, one command (from backend/):
 
     uv run python -m bench.run [--quick] [--duration S] [--connections N] [--workers N]
-                               [--database-url URL] [--json PATH]
+                               [--server serve|uvicorn] [--database-url URL] [--json PATH]
 
 It recreates its own PostgreSQL database (default `todo_bench`), migrates it with the app's own
-Alembic migrations, seeds it with SQL, starts the app as in production (uvicorn, N workers,
-uvloop, httptools, ENVIRONMENT=production) and the bare Starlette baseline (bench/baseline.py)
-the same way, drives both with wrk (bench/wrk.lua), watches the app workers' memory, and prints
-one table with the targets marked PASS or MISS. Every process it starts is stopped at the end,
-on Ctrl-C and on failure too. See bench/README.md.
+Alembic migrations, seeds it with SQL, starts the app as in production (serve.py: N uvicorn
+workers with a socket each, uvloop, httptools, ENVIRONMENT=production) and the bare Starlette
+baseline (bench/baseline.py) the same way, drives both with wrk (bench/wrk.lua), watches the app
+workers' memory, and prints one table with the targets marked PASS or MISS. Every process it
+starts is stopped at the end, on Ctrl-C and on failure too. See bench/README.md.
 """
 
 import argparse
@@ -482,15 +482,29 @@ class WorkerMemory:
     last_rss_kb: int = 0
 
 
+SERVERS = ("serve", "uvicorn")
+SERVER_TEXT = {
+    "serve": "serve.py --workers {workers} (a socket per worker)",
+    "uvicorn": "uvicorn --workers {workers} (one shared socket)",
+}
+
+
 class Server:
-    """A uvicorn master started the way the README's production command starts the app."""
+    """A server started the way the README's production command starts the app."""
 
     def __init__(
-        self, name: str, target: str, workers: int, env: dict[str, str], log_dir: Path
+        self,
+        name: str,
+        target: str,
+        workers: int,
+        env: dict[str, str],
+        log_dir: Path,
+        launcher: str = "serve",
     ) -> None:
         self.name = name
         self.target = target
         self.workers = workers
+        self.launcher = launcher
         self.env = env
         self.port = free_port()
         self.log_path = log_dir / f"{name}.log"
@@ -503,19 +517,19 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        # `uv run --no-sync uvicorn ...` in the README; the same interpreter, minus uv's wrapper
-        # process, so the uvicorn master is this script's child and its workers are easy to find.
+        # The README's production command (`uv run --no-sync python serve.py ...`), or with
+        # `--server uvicorn` uvicorn's own (one socket shared by the workers); the same
+        # interpreter, minus uv's wrapper process, so the supervisor is this script's child and
+        # its workers are easy to find.
+        address = ["--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers)]
+        if self.launcher == "serve":
+            return [sys.executable, "serve.py", "--app", self.target, *address]
         return [
             sys.executable,
             "-m",
             "uvicorn",
             self.target,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--workers",
-            str(self.workers),
+            *address,
             "--loop",
             "uvloop",
             "--http",
@@ -845,8 +859,9 @@ def print_report(
         file=out,
     )
     print(
-        f"run: uvicorn --workers {run['workers']} --loop uvloop --http httptools, app and "
-        f"baseline alike; ENVIRONMENT=production, RATE_LIMIT_PER_SECOND=0, pool "
+        f"run: {SERVER_TEXT[run.get('server', 'uvicorn')].format(workers=run['workers'])}, "
+        "uvloop, httptools, app and baseline alike; ENVIRONMENT=production, "
+        f"RATE_LIMIT_PER_SECOND=0, pool "
         f"{run['pool_size']}+{run['max_overflow']} per worker, DATABASE_PREPARED_STATEMENTS="
         f"{run.get('prepared_statements', 'true')}; wrk -t{run['wrk_threads']} "
         f"-c{run['connections']}, {run['warmup']} s warm-up + {run['duration']} s per run",
@@ -938,6 +953,7 @@ class Options:
     scenarios: tuple[str, ...]
     keep_database: bool
     fail_on_miss: bool
+    server: str = "serve"
 
 
 def parse_options(argv: Sequence[str] | None) -> Options:
@@ -976,6 +992,13 @@ def parse_options(argv: Sequence[str] | None) -> Options:
     parser.add_argument(
         "--fail-on-miss", action="store_true", help="exit with status 3 when a target is missed"
     )
+    parser.add_argument(
+        "--server",
+        choices=SERVERS,
+        default="serve",
+        help="serve: the production command, serve.py, each worker with its own socket "
+        "(default); uvicorn: `uvicorn --workers N`, one socket shared by the workers",
+    )
     arguments = parser.parse_args(argv)
     if arguments.scenarios:
         chosen = tuple(name.strip() for name in arguments.scenarios.split(",") if name.strip())
@@ -1003,6 +1026,7 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         scenarios=chosen,
         keep_database=arguments.keep_database,
         fail_on_miss=arguments.fail_on_miss,
+        server=arguments.server,
     )
 
 
@@ -1100,8 +1124,10 @@ def benchmark(options: Options, started: float) -> int:
             )
             data_text = f"small {SMALL_USERS} users x {SMALL_TASKS} tasks"
 
-            app = Server("app", "main:app", options.workers, env, work)
-            baseline = Server("baseline", "bench.baseline:app", options.workers, env, work)
+            app = Server("app", "main:app", options.workers, env, work, options.server)
+            baseline = Server(
+                "baseline", "bench.baseline:app", options.workers, env, work, options.server
+            )
             servers.extend([app, baseline])
             for server in servers:
                 server.start()
@@ -1154,6 +1180,7 @@ def benchmark(options: Options, started: float) -> int:
             watch.join()
             info["run"] = {
                 "workers": options.workers,
+                "server": options.server,
                 "connections": options.connections,
                 "wrk_threads": min(WRK_THREADS, options.connections),
                 "duration": options.duration,
