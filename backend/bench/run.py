@@ -23,6 +23,7 @@ import secrets
 import shutil
 import signal
 import socket
+import statistics
 import string
 import subprocess
 import sys
@@ -31,7 +32,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -156,8 +158,10 @@ class ScenarioResult:
     scenario: str
     what: str
     diagnostic: bool
-    ours: WrkResult
+    ours: WrkResult  # the median of `ours_runs` (`median_result`)
     baseline: WrkResult
+    ours_runs: list[WrkResult] = field(default_factory=list)
+    baseline_runs: list[WrkResult] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
@@ -755,6 +759,37 @@ def parse_wrk_json(data: dict[str, Any]) -> WrkResult:
     )
 
 
+def median_result(runs: Sequence[WrkResult]) -> WrkResult:
+    """One result for several runs of a scenario: each rate and percentile the median of the
+    runs' (the typical run's, not the best one's), the highest maximum, every count summed."""
+    if len(runs) == 1:
+        return runs[0]
+
+    def median(values: Iterable[float]) -> float:
+        return round(statistics.median(values), 3)
+
+    socket_errors: Counter[str] = Counter()
+    statuses: Counter[str] = Counter()
+    for run in runs:
+        socket_errors.update(run.socket_errors)
+        statuses.update(run.statuses)
+    return WrkResult(
+        requests=sum(run.requests for run in runs),
+        duration_s=round(sum(run.duration_s for run in runs), 3),
+        rps=round(statistics.median(run.rps for run in runs), 1),
+        p50_ms=median(run.p50_ms for run in runs),
+        p90_ms=median(run.p90_ms for run in runs),
+        p95_ms=median(run.p95_ms for run in runs),
+        p99_ms=median(run.p99_ms for run in runs),
+        max_ms=max(run.max_ms for run in runs),
+        mean_ms=median(run.mean_ms for run in runs),
+        errors=sum(run.errors for run in runs),
+        unexpected_status=sum(run.unexpected_status for run in runs),
+        socket_errors=dict(socket_errors),
+        statuses=dict(statuses),
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # The report
 
@@ -864,7 +899,13 @@ def print_report(
         f"RATE_LIMIT_PER_SECOND=0, pool "
         f"{run['pool_size']}+{run['max_overflow']} per worker, DATABASE_PREPARED_STATEMENTS="
         f"{run.get('prepared_statements', 'true')}; wrk -t{run['wrk_threads']} "
-        f"-c{run['connections']}, {run['warmup']} s warm-up + {run['duration']} s per run",
+        f"-c{run['connections']}, {run['warmup']} s warm-up + {run['duration']} s per run"
+        + (
+            f"; {run['repeat']} runs per scenario and server, taking turns: each number is the "
+            "median over the runs"
+            if run.get("repeat", 1) > 1
+            else ""
+        ),
         file=out,
     )
     print(f"data: {run['data']}", file=out)
@@ -954,6 +995,7 @@ class Options:
     keep_database: bool
     fail_on_miss: bool
     server: str = "serve"
+    repeat: int = 1
 
 
 def parse_options(argv: Sequence[str] | None) -> Options:
@@ -993,6 +1035,13 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         "--fail-on-miss", action="store_true", help="exit with status 3 when a target is missed"
     )
     parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="measured runs per scenario and server, taking turns; the table shows each "
+        "number's median over the runs (default 1)",
+    )
+    parser.add_argument(
         "--server",
         choices=SERVERS,
         default="serve",
@@ -1009,8 +1058,8 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         chosen = tuple(s.name for s in SCENARIOS if s.phase == "small")
     else:
         chosen = SCENARIO_NAMES
-    if arguments.connections < 1 or arguments.workers < 1:
-        parser.error("--connections and --workers must be at least 1")
+    if arguments.connections < 1 or arguments.workers < 1 or arguments.repeat < 1:
+        parser.error("--connections, --workers and --repeat must be at least 1")
     duration = arguments.duration or (3 if arguments.quick else 10)
     warmup = arguments.warmup if arguments.warmup is not None else (1 if arguments.quick else 3)
     if duration < 1 or warmup < 0:
@@ -1027,6 +1076,7 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         keep_database=arguments.keep_database,
         fail_on_miss=arguments.fail_on_miss,
         server=arguments.server,
+        repeat=arguments.repeat,
     )
 
 
@@ -1181,6 +1231,7 @@ def benchmark(options: Options, started: float) -> int:
             info["run"] = {
                 "workers": options.workers,
                 "server": options.server,
+                "repeat": options.repeat,
                 "connections": options.connections,
                 "wrk_threads": min(WRK_THREADS, options.connections),
                 "duration": options.duration,
@@ -1244,33 +1295,39 @@ def run_scenario(
     files: dict[str, Path],
     seeded_max_id: int,
 ) -> ScenarioResult:
-    measured: dict[str, WrkResult] = {}
+    runs: dict[str, list[WrkResult]] = {app.name: [], baseline.name: []}
     users_file = files[scenario.dataset]
     if options.warmup and not scenario.writes:
         # Both warm before either is measured: the first run on a dataset would otherwise warm
         # PostgreSQL's buffers for the second.
         for server in (app, baseline):
             run_wrk(wrk, server.url, scenario.mode, users_file, options.warmup, options.connections)
-    for server in (app, baseline):
-        if options.warmup and scenario.writes:
-            run_wrk(wrk, server.url, scenario.mode, users_file, options.warmup, options.connections)
-        result = run_wrk(
-            wrk, server.url, scenario.mode, users_file, options.duration, options.connections
-        )
-        measured[server.name] = result
-        say(
-            f"{scenario.name:<16} {server.name:<8} {result.rps:>8.1f} req/s  "
-            f"p50 {fmt_ms(result.p50_ms)}  p99 {fmt_ms(result.p99_ms)} ms  "
-            f"errors {result.errors}"
-        )
-        if scenario.writes:
-            reset_writes(options.database_url, seeded_max_id)
+    # With --repeat, the servers take turns: app, baseline, app, baseline, …
+    for _ in range(options.repeat):
+        for server in (app, baseline):
+            if options.warmup and scenario.writes:
+                run_wrk(
+                    wrk, server.url, scenario.mode, users_file, options.warmup, options.connections
+                )
+            result = run_wrk(
+                wrk, server.url, scenario.mode, users_file, options.duration, options.connections
+            )
+            runs[server.name].append(result)
+            say(
+                f"{scenario.name:<16} {server.name:<8} {result.rps:>8.1f} req/s  "
+                f"p50 {fmt_ms(result.p50_ms)}  p99 {fmt_ms(result.p99_ms)} ms  "
+                f"errors {result.errors}"
+            )
+            if scenario.writes:
+                reset_writes(options.database_url, seeded_max_id)
     return ScenarioResult(
         scenario=scenario.name,
         what=scenario.what,
         diagnostic=scenario.diagnostic,
-        ours=measured["app"],
-        baseline=measured["baseline"],
+        ours=median_result(runs[app.name]),
+        baseline=median_result(runs[baseline.name]),
+        ours_runs=runs[app.name],
+        baseline_runs=runs[baseline.name],
     )
 
 
@@ -1305,6 +1362,8 @@ def write_json(
                 "ratio": round(result.ratio, 3),
                 "ours": asdict(result.ours),
                 "baseline": asdict(result.baseline),
+                "ours_runs": [asdict(run) for run in result.ours_runs],
+                "baseline_runs": [asdict(run) for run in result.baseline_runs],
             }
             for name, result in results.items()
         },
