@@ -5,9 +5,8 @@
         Start the API (embedded SQLite unless NEON_DATABASE_URL/DATABASE_URL is set); the schema
         is migrated at start-up.
     python3 backend/dev.py serve --production [--host 0.0.0.0] [--workers 2]
-        The production server (serve.py): no development packages, ENVIRONMENT=production
-        (unless set), uvloop and httptools, N worker processes each listening on its own socket,
-        graceful shutdown on SIGTERM.
+        The production server: no development packages, ENVIRONMENT=production (unless set),
+        uvloop and httptools, N worker processes, graceful shutdown on SIGTERM.
     python3 backend/dev.py test [PYTEST ARGS...]
         Lint, type-check and run every test (SQLite, PostgreSQL, the real Better Auth server).
     python3 backend/dev.py check
@@ -84,13 +83,14 @@ def sync(uv: str, *, development: bool = True) -> None:
 
 
 def start_server(uv: str, arguments: argparse.Namespace) -> int:
-    address = ["--host", arguments.host, "--port", str(arguments.port)]
+    command = ["uvicorn", "main:app", "--host", arguments.host, "--port", str(arguments.port)]
     if arguments.production:
-        # serve.py: uvicorn workers, each with its own listening socket, uvloop and httptools.
         os.environ.setdefault("ENVIRONMENT", "production")
-        return become(uv, "python", "serve.py", *address, "--workers", str(arguments.workers))
-    command = ["uvicorn", "main:app", *address]
-    if arguments.reload:
+        command += ["--workers", str(arguments.workers), "--timeout-graceful-shutdown", "20"]
+        command += ["--no-server-header"]
+        if os.name != "nt":
+            command += ["--loop", "uvloop", "--http", "httptools"]
+    elif arguments.reload:
         command.append("--reload")
     return become(uv, *command)
 

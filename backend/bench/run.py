@@ -1,14 +1,14 @@
 """The performance benchmark, one command (from backend/):
 
     uv run python -m bench.run [--quick] [--duration S] [--connections N] [--workers N]
-                               [--server serve|uvicorn] [--database-url URL] [--json PATH]
+                               [--database-url URL] [--json PATH]
 
 It recreates its own PostgreSQL database (default `todo_bench`), migrates it with the app's own
-Alembic migrations, seeds it with SQL, starts the app as in production (serve.py: N uvicorn
-workers with a socket each, uvloop, httptools, ENVIRONMENT=production) and the bare Starlette
-baseline (bench/baseline.py) the same way, drives both with wrk (bench/wrk.lua), watches the app
-workers' memory, and prints one table with the targets marked PASS or MISS. Every process it
-starts is stopped at the end, on Ctrl-C and on failure too. See bench/README.md.
+Alembic migrations, seeds it with SQL, starts the app as in production (uvicorn, N workers,
+uvloop, httptools, ENVIRONMENT=production) and the bare Starlette baseline (bench/baseline.py)
+the same way, drives both with wrk (bench/wrk.lua), watches the app workers' memory, and prints
+one table with the targets marked PASS or MISS. Every process it starts is stopped at the end,
+on Ctrl-C and on failure too. See bench/README.md.
 """
 
 import argparse
@@ -486,29 +486,15 @@ class WorkerMemory:
     last_rss_kb: int = 0
 
 
-SERVERS = ("serve", "uvicorn")
-SERVER_TEXT = {
-    "serve": "serve.py --workers {workers} (a socket per worker)",
-    "uvicorn": "uvicorn --workers {workers} (one shared socket)",
-}
-
-
 class Server:
-    """A server started the way the README's production command starts the app."""
+    """A uvicorn master started the way the README's production command starts the app."""
 
     def __init__(
-        self,
-        name: str,
-        target: str,
-        workers: int,
-        env: dict[str, str],
-        log_dir: Path,
-        launcher: str = "serve",
+        self, name: str, target: str, workers: int, env: dict[str, str], log_dir: Path
     ) -> None:
         self.name = name
         self.target = target
         self.workers = workers
-        self.launcher = launcher
         self.env = env
         self.port = free_port()
         self.log_path = log_dir / f"{name}.log"
@@ -521,19 +507,19 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        # The README's production command (`uv run --no-sync python serve.py ...`), or with
-        # `--server uvicorn` uvicorn's own (one socket shared by the workers); the same
-        # interpreter, minus uv's wrapper process, so the supervisor is this script's child and
-        # its workers are easy to find.
-        address = ["--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers)]
-        if self.launcher == "serve":
-            return [sys.executable, "serve.py", "--app", self.target, *address]
+        # `uv run --no-sync uvicorn ...` in the README; the same interpreter, minus uv's wrapper
+        # process, so the uvicorn master is this script's child and its workers are easy to find.
         return [
             sys.executable,
             "-m",
             "uvicorn",
             self.target,
-            *address,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            str(self.workers),
             "--loop",
             "uvloop",
             "--http",
@@ -894,9 +880,8 @@ def print_report(
         file=out,
     )
     print(
-        f"run: {SERVER_TEXT[run.get('server', 'uvicorn')].format(workers=run['workers'])}, "
-        "uvloop, httptools, app and baseline alike; ENVIRONMENT=production, "
-        f"RATE_LIMIT_PER_SECOND=0, pool "
+        f"run: uvicorn --workers {run['workers']} --loop uvloop --http httptools, app and "
+        f"baseline alike; ENVIRONMENT=production, RATE_LIMIT_PER_SECOND=0, pool "
         f"{run['pool_size']}+{run['max_overflow']} per worker, DATABASE_PREPARED_STATEMENTS="
         f"{run.get('prepared_statements', 'true')}; wrk -t{run['wrk_threads']} "
         f"-c{run['connections']}, {run['warmup']} s warm-up + {run['duration']} s per run"
@@ -994,7 +979,6 @@ class Options:
     scenarios: tuple[str, ...]
     keep_database: bool
     fail_on_miss: bool
-    server: str = "serve"
     repeat: int = 1
 
 
@@ -1041,13 +1025,6 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         help="measured runs per scenario and server, taking turns; the table shows each "
         "number's median over the runs (default 1)",
     )
-    parser.add_argument(
-        "--server",
-        choices=SERVERS,
-        default="serve",
-        help="serve: the production command, serve.py, each worker with its own socket "
-        "(default); uvicorn: `uvicorn --workers N`, one socket shared by the workers",
-    )
     arguments = parser.parse_args(argv)
     if arguments.scenarios:
         chosen = tuple(name.strip() for name in arguments.scenarios.split(",") if name.strip())
@@ -1075,7 +1052,6 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         scenarios=chosen,
         keep_database=arguments.keep_database,
         fail_on_miss=arguments.fail_on_miss,
-        server=arguments.server,
         repeat=arguments.repeat,
     )
 
@@ -1174,10 +1150,8 @@ def benchmark(options: Options, started: float) -> int:
             )
             data_text = f"small {SMALL_USERS} users x {SMALL_TASKS} tasks"
 
-            app = Server("app", "main:app", options.workers, env, work, options.server)
-            baseline = Server(
-                "baseline", "bench.baseline:app", options.workers, env, work, options.server
-            )
+            app = Server("app", "main:app", options.workers, env, work)
+            baseline = Server("baseline", "bench.baseline:app", options.workers, env, work)
             servers.extend([app, baseline])
             for server in servers:
                 server.start()
@@ -1230,7 +1204,6 @@ def benchmark(options: Options, started: float) -> int:
             watch.join()
             info["run"] = {
                 "workers": options.workers,
-                "server": options.server,
                 "repeat": options.repeat,
                 "connections": options.connections,
                 "wrk_threads": min(WRK_THREADS, options.connections),
