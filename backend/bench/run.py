@@ -158,10 +158,16 @@ class ScenarioResult:
     scenario: str
     what: str
     diagnostic: bool
-    ours: WrkResult  # the median of `ours_runs` (`median_result`)
-    baseline: WrkResult
-    ours_runs: list[WrkResult] = field(default_factory=list)
-    baseline_runs: list[WrkResult] = field(default_factory=list)
+    ours_runs: list[WrkResult]  # one per --repeat
+    baseline_runs: list[WrkResult]
+
+    @property
+    def ours(self) -> WrkResult:
+        return median_result(self.ours_runs)
+
+    @property
+    def baseline(self) -> WrkResult:
+        return median_result(self.baseline_runs)
 
     @property
     def ratio(self) -> float:
@@ -1297,8 +1303,6 @@ def run_scenario(
         scenario=scenario.name,
         what=scenario.what,
         diagnostic=scenario.diagnostic,
-        ours=median_result(runs[app.name]),
-        baseline=median_result(runs[baseline.name]),
         ours_runs=runs[app.name],
         baseline_runs=runs[baseline.name],
     )
