@@ -14,11 +14,13 @@ on Ctrl-C and on failure too. See bench/README.md.
 import argparse
 import contextlib
 import hashlib
+import ipaddress
 import json
 import os
 import platform
 import random
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -151,6 +153,9 @@ class WrkResult:
     unexpected_status: int
     socket_errors: dict[str, int]
     statuses: dict[str, int]
+    # CPU microseconds per request during the run, by process group (`CpuMeter`); empty where
+    # /proc cannot be read.
+    cpu_us: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -193,7 +198,10 @@ def machine_info() -> dict[str, Any]:
                 break
     return {
         "cpus": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
+        # sched_getaffinity is Linux-only (not on macOS, where wrk comes from Homebrew).
+        "cpus_usable": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
         "cpu_model": cpu_model,
         "memory_gib": round(memory_gib, 1),
         "load_average": [round(value, 2) for value in os.getloadavg()],
@@ -645,7 +653,7 @@ def child_pids(pid: int) -> list[int]:
         if entry.name.isdigit():
             with contextlib.suppress(OSError, ValueError, IndexError):
                 stat = (entry / "stat").read_text()
-                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                if int(stat_fields(stat)[1]) == pid:  # the parent pid
                     children.append(int(entry.name))
     return children
 
@@ -670,6 +678,148 @@ def read_proc_status(pid: int) -> dict[str, int]:
             name, amount = line.split(":", 1)
             values[name] = int(amount.split()[0])
     return values
+
+
+CPU_GROUPS = ("server", "postgres", "wrk", "rest")
+SNAPSHOT_ATTEMPTS = 5
+
+
+class CpuMeter:
+    """Where the CPU goes during a run, per request: the measured server's workers, PostgreSQL's
+    processes (when the database is on this machine and its processes are visible), wrk (its
+    start-up included), and the rest of the machine's busy time (the kernel's work not charged
+    to a process, anything else running). From /proc, so Linux only.
+
+    PostgreSQL's group counts what each process has used and, for the postmaster, what its
+    finished backends used (cutime + cstime): a backend that exits during a run, as pooled
+    connections do when they reach their lifetime, stays counted.
+    """
+
+    def __init__(self, database_is_local: bool) -> None:
+        self.available = Path("/proc/stat").exists()
+        self.database_is_local = database_is_local
+
+    def snapshot(self, server_pids: Iterable[int]) -> dict[str, float]:
+        if not self.available:
+            return {}
+        server_pids = set(server_pids)
+        for _ in range(SNAPSHOT_ATTEMPTS):
+            server, postgres, children_ticks = self._scan(server_pids)
+            # A backend reaped while /proc was being read moves its time into the postmaster's
+            # cutime between two reads: lost, or counted twice. Such a scan is taken again.
+            unchanged = (children_cpu_ticks(pid) == ticks for pid, ticks in children_ticks.items())
+            if all(unchanged):
+                break
+        snapshot = {"server": server, "machine": machine_busy_seconds(Path("/proc/stat"))}
+        if children_ticks:  # PostgreSQL's processes were seen
+            snapshot["postgres"] = postgres
+        return snapshot
+
+    def _scan(self, server_pids: set[int]) -> tuple[float, float, dict[int, int]]:
+        """The server's and PostgreSQL's CPU seconds, and each PostgreSQL process's reaped
+        children's ticks as read."""
+        server = postgres = 0.0
+        children_ticks: dict[int, int] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue  # gone since the listing
+            if int(entry.name) in server_pids:
+                server += process_cpu_seconds(stat)
+            elif self.database_is_local and process_name(stat) == "postgres":
+                postgres += process_cpu_seconds(stat, with_children=True)
+                children_ticks[int(entry.name)] = stat_children_ticks(stat)
+        return server, postgres, children_ticks
+
+
+def cpu_per_request(
+    before: dict[str, float], after: dict[str, float], requests: int, wrk_seconds: float
+) -> dict[str, float]:
+    """Microseconds per request by group. `rest` is the machine's busy time the groups leave; a
+    group whose time went backwards (its processes restarted) is left out rather than guessed."""
+    if not before or not after or requests <= 0:
+        return {}
+    spent: dict[str, float] = {
+        name: after[name] - before[name]
+        for name in ("server", "postgres")
+        if name in before and name in after and after[name] >= before[name]
+    }
+    spent["wrk"] = wrk_seconds
+    machine = after["machine"] - before["machine"]
+    spent["rest"] = max(0.0, machine - sum(spent.values()))
+    return {name: round(seconds / requests * 1e6, 1) for name, seconds in spent.items()}
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_name(stat: str) -> str:
+    """The command name in a /proc/<pid>/stat line: between the first "(" and the last ")"."""
+    return stat[stat.find("(") + 1 : stat.rfind(")")]
+
+
+def stat_fields(stat: str) -> list[str]:
+    # After the command name; fields[0] is the state, field 3 of proc(5).
+    return stat[stat.rfind(")") + 1 :].split()
+
+
+def process_cpu_seconds(stat: str, *, with_children: bool = False) -> float:
+    """User and system time from a /proc/<pid>/stat line; with the reaped children's too."""
+    fields = stat_fields(stat)
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15
+    if with_children:
+        ticks += stat_children_ticks(stat)
+    return ticks / CLOCK_TICKS
+
+
+def stat_children_ticks(stat: str) -> int:
+    fields = stat_fields(stat)
+    return int(fields[13]) + int(fields[14])  # cutime, cstime: fields 16 and 17
+
+
+def children_cpu_ticks(pid: int) -> int | None:
+    """The reaped children's time of a process now; None once it is gone."""
+    try:
+        return stat_children_ticks(Path(f"/proc/{pid}/stat").read_text())
+    except OSError:
+        return None
+
+
+def machine_busy_seconds(proc_stat: Path) -> float:
+    """All CPUs' busy time so far: user, nice, system, irq and softirq (not idle, iowait or a
+    hypervisor's steal; guest time is inside user already)."""
+    first = proc_stat.read_text().split("\n", 1)[0].split()
+    user, nice, system, _idle, _iowait, irq, softirq = (int(value) for value in first[1:8])
+    return (user + nice + system + irq + softirq) / CLOCK_TICKS
+
+
+def children_cpu_seconds() -> float:
+    """User and system time of this process's finished children (wrk, once it has exited)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return float(usage.ru_utime + usage.ru_stime)
+
+
+def database_is_local(url: str) -> bool:
+    """Whether the benchmark's database server runs on this machine, from the address psycopg
+    actually connected to."""
+    try:
+        with psycopg.connect(url, connect_timeout=10) as connection:
+            return is_loopback(connection.info.host, connection.info.hostaddr)
+    except psycopg.Error:
+        return False  # PostgreSQL's CPU is then shown as n/a; the runs say what is wrong
+
+
+def is_loopback(host: str, hostaddr: str) -> bool:
+    if host.startswith("/"):
+        return True  # a Unix-domain socket's directory
+    address = (hostaddr or host).strip("[]")
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address.lower() == "localhost"
 
 
 class MemoryWatch(threading.Thread):
@@ -779,6 +929,11 @@ def median_result(runs: Sequence[WrkResult]) -> WrkResult:
         unexpected_status=sum(run.unexpected_status for run in runs),
         socket_errors=dict(socket_errors),
         statuses=dict(statuses),
+        cpu_us={
+            name: median(run.cpu_us[name] for run in runs)
+            for name in CPU_GROUPS
+            if all(name in run.cpu_us for run in runs)
+        },
     )
 
 
@@ -943,6 +1098,11 @@ def print_report(
             f"({fmt_ms(large.baseline.p50_ms)} / {fmt_ms(small.baseline.p50_ms)} ms)",
             file=out,
         )
+    cpu_lines = cpu_report(results)
+    if cpu_lines:
+        print("", file=out)
+        for line in cpu_lines:
+            print(line, file=out)
     print("", file=out)
     print("peak RSS per app worker (VmHWM / polled VmRSS):", file=out)
     for line in memory_lines(app):
@@ -961,6 +1121,26 @@ def print_report(
     if run["workers"] != 2 or run["connections"] != 50:
         print("  (the targets are stated for 2 workers and 50 connections)", file=out)
     print("", file=out)
+
+
+def cpu_report(results: dict[str, ScenarioResult]) -> list[str]:
+    """CPU microseconds per request by process group, ours and the baseline's, per scenario."""
+
+    def cells(cpu: dict[str, float]) -> str:
+        return " / ".join(f"{cpu[name]:>5.0f}" if name in cpu else "  n/a" for name in CPU_GROUPS)
+
+    rows = [
+        f"{name:<16} {cells(result.ours.cpu_us)}     {cells(result.baseline.cpu_us)}"
+        for name in DISPLAY_ORDER
+        if (result := results.get(name)) is not None and result.ours.cpu_us
+    ]
+    if not rows:
+        return []
+    return [
+        "CPU per request, µs: server workers / PostgreSQL / wrk (its start-up too) / the rest",
+        f"{'scenario':<16} {'ours':<29}     baseline",
+        *rows,
+    ]
 
 
 def result_statuses(result: WrkResult) -> str:
@@ -1172,6 +1352,7 @@ def benchmark(options: Options, started: float) -> int:
 
             files = {"small": small_file}
             results: dict[str, ScenarioResult] = {}
+            meter = CpuMeter(database_is_local(options.database_url))
             large_file = work / "large_users.txt"
             for phase in ("small", "large"):
                 phase_scenarios = [s for s in chosen if s.phase == phase]
@@ -1201,7 +1382,7 @@ def benchmark(options: Options, started: float) -> int:
                     )
                 for scenario in phase_scenarios:
                     results[scenario.name] = run_scenario(
-                        scenario, options, wrk, app, baseline, files, seeded_max_id
+                        scenario, options, wrk, app, baseline, files, seeded_max_id, meter
                     )
 
             for server in servers:
@@ -1273,6 +1454,7 @@ def run_scenario(
     baseline: Server,
     files: dict[str, Path],
     seeded_max_id: int,
+    meter: CpuMeter,
 ) -> ScenarioResult:
     runs: dict[str, list[WrkResult]] = {app.name: [], baseline.name: []}
     users_file = files[scenario.dataset]
@@ -1288,8 +1470,16 @@ def run_scenario(
                 run_wrk(
                     wrk, server.url, scenario.mode, users_file, options.warmup, options.connections
                 )
+            workers = server.worker_pids()
+            before, wrk_before = meter.snapshot(workers), children_cpu_seconds()
             result = run_wrk(
                 wrk, server.url, scenario.mode, users_file, options.duration, options.connections
+            )
+            result.cpu_us = cpu_per_request(
+                before,
+                meter.snapshot(workers),
+                result.requests,
+                wrk_seconds=children_cpu_seconds() - wrk_before,
             )
             runs[server.name].append(result)
             say(

@@ -1,8 +1,31 @@
-"""The benchmark's own arithmetic (bench/run.py): what its table shows for repeated runs."""
+"""The benchmark's own arithmetic (bench/run.py): what its table shows for repeated runs, and
+where it says the CPU went."""
 
+import os
+import time
+from pathlib import Path
+
+import psycopg
+import psycopg.conninfo
 import pytest
 
-from bench.run import WrkResult, median_result, parse_options
+from bench.run import (
+    CpuMeter,
+    ScenarioResult,
+    WrkResult,
+    cpu_per_request,
+    cpu_report,
+    database_is_local,
+    is_loopback,
+    machine_busy_seconds,
+    machine_info,
+    median_result,
+    parse_options,
+    process_cpu_seconds,
+    process_name,
+    stat_children_ticks,
+)
+from tests.conftest import IN_CI
 
 
 def result(rps: float, p99: float, *, errors: int = 0, max_ms: float = 100.0) -> WrkResult:
@@ -50,3 +73,155 @@ def test_repeat_is_a_count_of_at_least_one() -> None:
     assert parse_options([]).repeat == 1
     with pytest.raises(SystemExit):
         parse_options(["--repeat", "0"])
+
+
+def test_cpu_per_request_splits_the_machine_busy_time_by_group() -> None:
+    before = {"server": 10.0, "postgres": 4.0, "machine": 100.0}
+    after = {"server": 12.0, "postgres": 5.0, "machine": 104.5}
+    # 2 s of workers, 1 s of PostgreSQL, 0.5 s of wrk, 1 s of everything else; 1000 requests.
+    assert cpu_per_request(before, after, 1000, wrk_seconds=0.5) == {
+        "server": 2000.0,
+        "postgres": 1000.0,
+        "wrk": 500.0,
+        "rest": 1000.0,
+    }
+    # No PostgreSQL processes to see (a remote database): no group, its share is not guessed.
+    remote = cpu_per_request(
+        {"server": 0.0, "machine": 0.0}, {"server": 1.0, "machine": 3.0}, 2000, wrk_seconds=0.0
+    )
+    assert remote == {"server": 500.0, "wrk": 0.0, "rest": 1000.0}
+    # A group whose time went backwards (PostgreSQL restarted) is left out, not counted as 0.
+    restarted = cpu_per_request(before, {**after, "postgres": 1.0}, 1000, wrk_seconds=0.5)
+    assert "postgres" not in restarted
+    assert restarted["rest"] == 2000.0
+    # Tick sampling can leave the machine's total a little under the processes' own.
+    assert (
+        cpu_per_request(before, {**after, "machine": 101.0}, 1000, wrk_seconds=0.5)["rest"] == 0.0
+    )
+    assert cpu_per_request({}, {}, 1000, wrk_seconds=0.0) == {}
+    assert cpu_per_request(before, after, 0, wrk_seconds=0.0) == {}
+
+
+def test_proc_lines_are_read_by_their_fields(tmp_path: Path) -> None:
+    # A command name with ") " in it must not shift the fields that follow it.
+    stat = "4242 (post) gres) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 700 300 20 0 1 0"
+    assert process_name(stat) == "post) gres"
+    ticks = os.sysconf("SC_CLK_TCK")
+    assert process_cpu_seconds(stat) == (250 + 50) / ticks
+    assert process_cpu_seconds(stat, with_children=True) == (250 + 50 + 700 + 300) / ticks
+    proc_stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    proc_stat.write_text("cpu  1000 20 300 90000 400 5 7 600 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n")
+    assert machine_busy_seconds(proc_stat) == (1000 + 20 + 300 + 5 + 7) / ticks
+
+
+def test_the_meter_sees_a_process_burn_cpu() -> None:
+    meter = CpuMeter(database_is_local=False)
+    if not meter.available:
+        pytest.skip("no /proc on this system")
+    before = meter.snapshot([os.getpid()])
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:
+        pass
+    after = meter.snapshot([os.getpid()])
+    assert after["server"] - before["server"] >= 0.2
+    assert after["machine"] - before["machine"] >= after["server"] - before["server"] - 0.05
+    assert "postgres" not in after
+
+
+def test_the_meter_keeps_the_cpu_of_a_backend_that_exited_during_the_run(
+    postgres_url: str,
+) -> None:
+    if not database_is_local(postgres_url):
+        message = "PostgreSQL is not on this machine: its processes cannot be read"
+        if IN_CI:
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    meter = CpuMeter(database_is_local=True)
+    before = meter.snapshot([])
+    if "postgres" not in before:
+        message = "PostgreSQL's processes are not visible here (no /proc, or another namespace)"
+        if IN_CI:
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    # A backend born and gone between the two snapshots, as a pooled connection retired at
+    # its lifetime is: about 0.2 s of PostgreSQL's CPU.
+    with psycopg.connect(postgres_url) as connection:
+        connection.execute("SELECT count(*) FROM generate_series(1, 4000000)")
+    # The postmaster reaps it soon after it exits; how soon is up to the machine.
+    give_up_at = time.monotonic() + 10
+    after = meter.snapshot([])
+    while after["postgres"] - before["postgres"] < 0.05 and time.monotonic() < give_up_at:
+        time.sleep(0.1)
+        after = meter.snapshot([])
+    assert after["postgres"] - before["postgres"] >= 0.05
+
+
+def test_a_scan_during_which_a_backend_was_reaped_is_taken_again() -> None:
+    """The postmaster's cutime moving between the scan and the check means a backend's time
+    may be missing or counted twice: the meter scans again, and keeps the consistent scan."""
+    if not Path("/proc/stat").exists():
+        pytest.skip("no /proc on this system")
+    me = os.getpid()
+    children = stat_children_ticks(Path(f"/proc/{me}/stat").read_text())
+    scans = [(0.0, 1.0, {me: children + 7}), (0.0, 2.0, {me: children})]
+
+    class RacingMeter(CpuMeter):
+        def _scan(self, server_pids: set[int]) -> tuple[float, float, dict[int, int]]:
+            return scans.pop(0)
+
+    snapshot = RacingMeter(database_is_local=True).snapshot([])
+    assert snapshot["postgres"] == 2.0
+    assert scans == []
+
+
+def test_the_database_is_local_on_a_loopback_address_or_a_socket(postgres_url: str) -> None:
+    assert is_loopback("127.0.0.1", "127.0.0.1")
+    assert is_loopback("localhost", "")
+    assert is_loopback("LOCALHOST", "")
+    assert is_loopback("127.0.1.1", "")
+    assert is_loopback("::1", "::1")
+    assert is_loopback("[0:0:0:0:0:0:0:1]", "")
+    assert is_loopback("/var/run/postgresql", "")
+    assert not is_loopback("ep-cool-1.eu-central-1.aws.neon.tech", "18.197.1.2")
+    assert not is_loopback("db.example.com", "")
+    # The address psycopg connected to decides, not the name in the URL.
+    assert not is_loopback("localhost", "10.1.2.3")
+    host = psycopg.conninfo.conninfo_to_dict(postgres_url).get("host")
+    if host in ("127.0.0.1", "localhost"):
+        assert database_is_local(postgres_url)
+
+
+def test_repeated_runs_show_the_median_cpu_of_each_group() -> None:
+    runs = [result(1000.0, 40.0), result(1000.0, 40.0), result(1000.0, 40.0)]
+    runs[0].cpu_us = {"server": 300.0, "postgres": 100.0, "wrk": 40.0, "rest": 50.0}
+    runs[1].cpu_us = {"server": 900.0, "postgres": 90.0, "wrk": 45.0, "rest": 70.0}
+    runs[2].cpu_us = {"server": 400.0, "postgres": 80.0, "wrk": 42.0, "rest": 60.0}
+    assert median_result(runs).cpu_us == {
+        "server": 400.0,
+        "postgres": 90.0,
+        "wrk": 42.0,
+        "rest": 60.0,
+    }
+    # A group some run lacks (a remote database) is left out rather than half-counted.
+    runs[1].cpu_us = {"server": 900.0, "wrk": 45.0, "rest": 70.0}
+    assert median_result(runs).cpu_us == {"server": 400.0, "wrk": 42.0, "rest": 60.0}
+
+
+def test_the_report_shows_each_scenarios_cpu_and_leaves_out_a_missing_group() -> None:
+    ours, baseline = result(1000.0, 40.0), result(1200.0, 30.0)
+    ours.cpu_us = {"server": 406.0, "postgres": 119.0, "wrk": 30.0, "rest": 38.0}
+    baseline.cpu_us = {"server": 348.0, "wrk": 29.0, "rest": 24.0}
+    lines = cpu_report({"list": ScenarioResult("list", "GET list", False, [ours], [baseline])})
+    row = next(line for line in lines if line.startswith("list "))
+    assert row.split() == [
+        "list", "406", "/", "119", "/", "30", "/", "38",
+        "348", "/", "n/a", "/", "29", "/", "24",
+    ]  # fmt: skip
+    assert cpu_report({"list": ScenarioResult("list", "", False, [result(1.0, 1.0)], [ours])}) == []
+
+
+def test_the_machine_description_needs_no_linux_only_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    # macOS has no sched_getaffinity; the benchmark says where it ran there too.
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    assert machine_info()["cpus_usable"] == os.cpu_count()
