@@ -53,7 +53,8 @@ async def test_connections_killed_while_idle_are_replaced_unseen(postgres_url: s
         assert {response.status_code for response in warm} == {200}
         async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as admin:
             killed = await admin.execute(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                # With a timeout, pg_terminate_backend waits until each process has exited.
+                "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity"
                 " WHERE datname = current_database() AND pid <> pg_backend_pid()"
             )
             row = await killed.fetchone()

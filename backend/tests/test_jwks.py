@@ -354,7 +354,9 @@ async def test_a_token_that_expires_while_the_keys_are_fetched_is_refused(
     """Claims are checked before Better Auth is asked for keys, and again after the wait."""
     key = SigningKey.generate("EdDSA")
     jwks.publish(key)
-    jwks.delay_seconds = 2.0  # within the fetch timeout (2.5 s)
+    # Longer than the token has left (its exp is the next whole second at most), and well
+    # within the fetch timeout (2.5 s), so that a slow machine does not time the fetch out.
+    jwks.delay_seconds = 1.2
     async with backend_for(jwks.base_url, tmp_path / "db.sqlite", jwt_leeway_seconds=0) as client:
         expiring = signed_by(jwks, key, lifetime=1)
         response = await client.get(f"/api/{ALICE}/tasks", headers=bearer(expiring))

@@ -225,12 +225,22 @@ async def test_every_waiter_on_a_full_pool_times_out_not_only_the_first(
             outcomes = await asyncio.gather(*waiters, return_exceptions=True)
         assert [type(outcome) for outcome in outcomes] == [PoolTimeout] * 3
 
-        # One that queues after an earlier waiter was served times out too.
-        served = asyncio.create_task(pool.acquire())
-        await started_waiting(served)
-        pool.release(held)
+        # One that queues after an earlier waiter was served times out too: the timer set for
+        # the served one's deadline moves on to the next waiter's. (The timeout stays the same
+        # throughout: the pool's one timer relies on deadlines coming in the order of arrival.)
+        for _ in range(5):
+            served = asyncio.create_task(pool.acquire())
+            await asyncio.sleep(0.02)  # it queues
+            pool.release(held)  # hands it over, or makes it idle if the wait is already over
+            async with asyncio.timeout(GENEROUS):
+                try:
+                    assert await served is held
+                    break
+                except PoolTimeout:  # the machine stalled 0.2 s before the release: again
+                    assert await pool.acquire() is held
+        else:
+            pytest.fail("the served waiter timed out five times before the release")
         async with asyncio.timeout(GENEROUS):
-            assert await served is held
             with pytest.raises(PoolTimeout):
                 await pool.acquire()
         pool.release(held)
@@ -510,10 +520,12 @@ async def test_a_recently_used_connection_is_not_pinged(
 async def test_an_idle_connection_older_than_max_lifetime_is_not_handed_out_again(
     connector: Connector,
 ) -> None:
-    async with connector.pool(max_size=1, max_lifetime=0.1) as pool:
+    async with connector.pool(max_size=1, max_lifetime=GENEROUS) as pool:
         old = await pool.acquire()
         pool.release(old)
         assert pool.idle == 1
+        # Now past its lifetime, however long the lines above took.
+        pool.max_lifetime = 0.1
         await asyncio.sleep(0.15)
 
         connection = await pool.acquire()
