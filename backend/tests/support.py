@@ -5,13 +5,15 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import jwt
+import pytest
 from httpx import ASGITransport, AsyncClient
 
 from config import Settings
@@ -83,10 +85,17 @@ def free_port() -> int:
     return port
 
 
+# How long a uvicorn_server may take to answer /health: far more than it ever needs (it imports
+# the app and migrates the database first), so that only a server that hangs reaches it.
+SERVER_START_SECONDS = 120
+
+
 @contextmanager
 def uvicorn_server(database_url: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """The app under uvicorn in its own process, as production runs it; its base URL once
-    /health answers. Killed at the end if still running."""
+    /health answers. A server that exits first, or does not answer within SERVER_START_SECONDS,
+    fails the test with the end of its output: a test must never run against a dead server.
+    Killed at the end if still running."""
     from config import BACKEND_DIR
 
     port = free_port()
@@ -98,23 +107,48 @@ def uvicorn_server(database_url: str) -> Iterator[tuple[subprocess.Popen[bytes],
         "RATE_LIMIT_PER_SECOND": "0",
         "LOG_LEVEL": "ERROR",
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "main:app", "--port", str(port), "--loop", "uvloop"],
-        cwd=BACKEND_DIR,
-        env=environment,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
+    # uvicorn writes its start-up errors (a traceback when the app fails to start) to stderr,
+    # its access log to stdout.
+    with tempfile.TemporaryFile() as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "main:app", "--port", str(port), "--loop", "uvloop"],
+            cwd=BACKEND_DIR,
+            env=environment,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        base_url = f"http://127.0.0.1:{port}"
+        try:
+            _wait_until_healthy(process, base_url, stderr)
+            yield process, base_url
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def _wait_until_healthy(process: subprocess.Popen[bytes], base_url: str, stderr: IO[bytes]) -> None:
+    deadline = time.monotonic() + SERVER_START_SECONDS
+    # One client for every attempt: a new one each time would load the CA certificates again,
+    # CPU taken from the starting server on a small machine.
+    with httpx.Client(base_url=base_url) as http:
+        while True:
+            if process.poll() is not None:
+                problem = f"exited with status {process.returncode} before /health answered"
+                break
+            if time.monotonic() > deadline:
+                process.kill()
+                process.wait()
+                problem = f"did not answer /health within {SERVER_START_SECONDS} s"
+                break
             try:
-                if httpx.get(f"{base_url}/health").status_code == 200:
-                    break
+                if http.get("/health").status_code == 200:
+                    return
             except httpx.TransportError:
-                time.sleep(0.05)
-        yield process, base_url
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+                pass
+            time.sleep(0.05)
+    # The process has ended: its output can be read without racing its own writes (the file
+    # offset is shared with it).
+    stderr.seek(0)
+    tail = stderr.read()[-4000:].decode(errors="replace")
+    pytest.fail(f"uvicorn {problem}; its stderr ends with:\n{tail}", pytrace=False)

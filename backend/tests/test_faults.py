@@ -2,6 +2,7 @@
 two instances sharing one database."""
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import uuid
@@ -23,9 +24,9 @@ def tasks_url(user_id: str) -> str:
 
 
 async def sessions_waiting_on_locks(url: str, until: Callable[[int], bool]) -> int:
-    """How many sessions of this database wait on a lock, polled (up to 10 s) until `until`."""
+    """How many sessions of this database wait on a lock, polled (up to 30 s) until `until`."""
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as watch:
-        for _ in range(200):
+        for _ in range(600):
             row = await (
                 await watch.execute(
                     "SELECT count(*) FROM pg_stat_activity"
@@ -134,13 +135,19 @@ async def test_a_statement_past_the_deadline_is_cancelled_on_the_server(
     """Single statements run in autocommit: the request deadline bounds them, and cancelling
     the request cancels the statement in PostgreSQL too (no query left running)."""
     user = f"user-{uuid.uuid4().hex}"
-    async with running_app(database_url=postgres_url, request_timeout_seconds=1) as client:
+    # The task is created, and checked afterwards, through an app with the default deadline:
+    # only the blocked request is meant to outlive its deadline, and on a slow machine the
+    # others could outlive 1 s too.
+    async with (
+        running_app(database_url=postgres_url) as client,
+        running_app(database_url=postgres_url, request_timeout_seconds=1) as hurried,
+    ):
         created = await client.post(tasks_url(user), json={"title": "t"}, headers=auth(user))
         task_url = f"{tasks_url(user)}/{created.json()['id']}"
         async with await psycopg.AsyncConnection.connect(postgres_url) as blocker:
             await blocker.execute("LOCK TABLE tasks IN EXCLUSIVE MODE")
             async with asyncio.timeout(30):
-                stuck = await client.patch(f"{task_url}/complete", headers=auth(user))
+                stuck = await hurried.patch(f"{task_url}/complete", headers=auth(user))
             assert stuck.status_code == 503
             assert stuck.headers["Retry-After"].isdigit()
             # Cancelled on the server too: nothing of ours still waits on the lock.
@@ -174,6 +181,22 @@ async def test_two_instances_create_once_for_one_idempotency_key(postgres_url: s
     assert len(listed.json()) == 1
 
 
+async def until_nothing_listens(base_url: str) -> None:
+    """Polls (up to 30 s) until connections to the server are refused: the first thing uvicorn
+    does when it shuts down is to close its listening socket."""
+    port = httpx.URL(base_url).port
+    for _ in range(600):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except ConnectionRefusedError:
+            return
+        writer.close()
+        with contextlib.suppress(OSError):  # reset by a server closing its socket meanwhile
+            await writer.wait_closed()
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{base_url} still accepts connections")
+
+
 @pytest.fixture
 def server(postgres_url: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     with uvicorn_server(postgres_url) as running:
@@ -195,9 +218,13 @@ async def test_sigterm_lets_in_flight_requests_finish_and_commit(
                 )
                 for n in range(8)
             ]
-            await sessions_waiting_on_locks(postgres_url, until=lambda count: count >= 1)
+            # Every create has reached its INSERT before the signal: one the server had not read
+            # yet would be refused by the shutdown, rightly, and is not what this test is about.
+            waiting = await sessions_waiting_on_locks(postgres_url, until=lambda count: count >= 8)
+            assert waiting == 8
             process.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.3)
+            # The creates are released only once the shutdown has begun.
+            await until_nothing_listens(base_url)
             await blocker.commit()  # releases the lock; the creates now finish
             responses = await asyncio.gather(*creates)
     assert [response.status_code for response in responses] == [201] * 8

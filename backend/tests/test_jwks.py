@@ -157,8 +157,13 @@ async def test_random_kids_cannot_make_the_backend_hammer_better_auth(
 ) -> None:
     key = SigningKey.generate("EdDSA")
     jwks.publish(key)
+    # The burst gets a single refresh only if all of it reaches the backend within one cool-down
+    # of the first fetch. It takes under 0.1 s: 3 s leave room for a machine many times slower,
+    # at the price of the burst waiting that long for its refresh. Well below 5 s: a refresh
+    # about 5 s after the first fetch would reuse its connection just as the JWKS server
+    # (uvicorn, 5 s keep-alive) closes it, and fail.
     async with backend_for(
-        jwks.base_url, tmp_path / "db.sqlite", jwks_refresh_cooldown_seconds=1.0
+        jwks.base_url, tmp_path / "db.sqlite", jwks_refresh_cooldown_seconds=3.0
     ) as client:
         assert (
             await client.get(f"/api/{ALICE}/tasks", headers=bearer(signed_by(jwks, key)))

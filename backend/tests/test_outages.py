@@ -116,7 +116,10 @@ async def test_an_app_started_while_the_database_is_down_becomes_ready(
         assert (await client.get("/health")).status_code == 200
         assert (await client.get("/health/ready")).status_code == 503
         await asyncio.to_thread(cluster.start)
-        for _ in range(150):  # the background migration retries every few seconds
+        # Polled for up to two minutes: the background migration retries at growing intervals,
+        # up to 30 s apart (startup.RETRY_SECONDS), and on a slow machine the database can come
+        # back just after a retry, to be seen only by the next one.
+        for _ in range(1200):
             if (await client.get("/health/ready")).status_code == 200:
                 break
             await asyncio.sleep(0.1)
@@ -133,6 +136,12 @@ async def test_300_mixed_requests_through_pgbouncer_in_transaction_mode(
             database_url=pooled_url,
             # Migrations take the direct connection, as on Neon.
             direct_database_url=cluster.url,
+            # The 300 requests share the app's 10 connections: the last ones wait for the whole
+            # burst ahead of them, which a slow machine could stretch past the default pool
+            # timeout (5 s) and request deadline (11 s). This test is about the answers through
+            # PgBouncer; those bounds have tests of their own (test_pool.py, test_faults.py).
+            database_pool_timeout_seconds=60,
+            request_timeout_seconds=120,
         ) as client:
             users = [f"user-{uuid.uuid4().hex}" for _ in range(5)]
             seeded = {
