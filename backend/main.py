@@ -109,9 +109,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # For Better Auth's JWKS and session endpoints; no redirects: the URLs are configured ones.
     # No cookie jar: a session cookie Better Auth sets on one user's lookup must never ride along
     # on the next user's (it would also let a signed-out session live on in its cookie cache).
+    # Idle connections go after 1 s, sooner than servers close them (Node's, Better Auth's, after
+    # 5 s; gunicorn's after 2): a request sent on one just as the server closes it would fail
+    # (httpx's default, 5 s, is exactly Node's).
     app.state.auth_http = httpx.AsyncClient(
         follow_redirects=False,
-        limits=httpx.Limits(max_connections=20),
+        limits=httpx.Limits(max_connections=20, keepalive_expiry=1.0),
         cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
     )
     app.state.token_verifier = build_token_verifier(settings, app.state.auth_http)

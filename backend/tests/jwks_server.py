@@ -1,6 +1,7 @@
 """A real JWKS endpoint on a loopback port, with keys the tests control, and a silent listener."""
 
 import asyncio
+import json
 import socket
 import time
 import uuid
@@ -110,6 +111,46 @@ class JWKSServer:
         finally:
             server.should_exit = True
             await task
+
+
+class IdleClosingJWKSServer(JWKSServer):
+    """A JWKS endpoint that keeps connections alive but, like Node's server (Better Auth's), lets
+    an idle one go after `idle_seconds`. A request that arrives on a connection idle that long
+    is taken as one that crossed the server's close of it (the race at a keep-alive timeout,
+    made certain here): the connection is closed without an answer, and counted in `dropped`."""
+
+    def __init__(self, idle_seconds: float) -> None:
+        super().__init__()
+        self.idle_seconds = idle_seconds
+        self.dropped = 0
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        answered_at: float | None = None
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")  # a GET: the head is all there is
+                if answered_at is not None and time.monotonic() - answered_at >= self.idle_seconds:
+                    self.dropped += 1
+                    return
+                self.fetches += 1
+                body = json.dumps({"keys": self.keys}).encode()
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                    b"content-length: %d\r\n\r\n%b" % (len(body), body)
+                )
+                await writer.drain()
+                answered_at = time.monotonic()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        finally:
+            writer.close()
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator["IdleClosingJWKSServer"]:
+        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        async with server:
+            yield self
 
 
 @asynccontextmanager

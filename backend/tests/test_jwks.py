@@ -17,7 +17,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from httpx import AsyncClient
 from jwt.algorithms import RSAAlgorithm
 
-from tests.jwks_server import JWKSServer, SigningKey, closed_port_url, silent_listener
+from tests.jwks_server import (
+    IdleClosingJWKSServer,
+    JWKSServer,
+    SigningKey,
+    closed_port_url,
+    silent_listener,
+)
 from tests.support import ALICE, BOB, auth, running_app
 
 ALGORITHMS = ["EdDSA", "ES256", "RS256", "PS256"]
@@ -386,3 +392,26 @@ async def test_malformed_published_keys_are_skipped(jwks: JWKSServer, client: As
     ).status_code == 200
     forged = signed_by(jwks, rsa_key)  # its published key is broken: verifies nothing
     assert (await client.get(f"/api/{ALICE}/tasks", headers=bearer(forged))).status_code == 401
+
+
+async def test_a_refresh_after_a_pause_does_not_send_on_a_connection_the_server_let_go(
+    tmp_path: Path,
+) -> None:
+    """Better Auth runs on Node, which closes a keep-alive connection after 5 s idle (as uvicorn
+    does); a refresh sent on one just as it is closed fails, and every request waiting for the
+    new key would get a 503. The app lets its own idle connections go sooner than such a server,
+    so a refresh after a pause opens a new connection."""
+    first, rotated = SigningKey.generate("EdDSA"), SigningKey.generate("EdDSA")
+    async with IdleClosingJWKSServer(idle_seconds=1.5).running() as jwks:
+        jwks.publish(first)
+        async with backend_for(jwks.base_url, tmp_path / "db.sqlite") as client:
+            first_use = await client.get(
+                f"/api/{ALICE}/tasks", headers=bearer(signed_by(jwks, first))
+            )
+            assert first_use.status_code == 200
+            await asyncio.sleep(2.0)  # longer than the server keeps an idle connection
+            jwks.publish(first, rotated)
+            token = signed_by(jwks, rotated)
+            response = await client.get(f"/api/{ALICE}/tasks", headers=bearer(token))
+    assert response.status_code == 200
+    assert (jwks.fetches, jwks.dropped) == (2, 0)
