@@ -30,8 +30,10 @@ from models import Task, utc_now
 
 TASKS: Table = SQLModel.metadata.tables[Task.__tablename__]
 # A row of COLUMNS, in that order: a plain tuple from psycopg on PostgreSQL (building named
-# tuples costs more than the query's parsing), a SQLAlchemy Row on SQLite.
+# tuples costs more than the query's parsing), a SQLAlchemy Row on SQLite. ListRow: the same, of
+# LIST_COLUMNS (a list's rows: no owner, no version, so not for `etag_for`).
 TaskRow: TypeAlias = Any
+ListRow: TypeAlias = Any
 ID, VERSION = 0, 7
 COLUMNS = (
     TASKS.c.id,
@@ -107,7 +109,7 @@ DEFAULT_LIST = ListOptions()
 
 async def list_tasks(
     db: Database, owner_id: str, options: ListOptions
-) -> tuple[Sequence[TaskRow], int]:
+) -> tuple[Sequence[ListRow], int]:
     """The owner's tasks as the options ask (rows of LIST_COLUMNS), and how many match before
     paging."""
     if options.is_default:
@@ -203,7 +205,7 @@ def public_task(row: TaskRow) -> dict[str, Any]:
     }
 
 
-def public_tasks(owner_id: str, rows: Sequence[TaskRow]) -> list[dict[str, Any]]:
+def public_tasks(owner_id: str, rows: Sequence[ListRow]) -> list[dict[str, Any]]:
     """Rows of LIST_COLUMNS, all the owner's, as the API shows them (one comprehension: no call
     per row)."""
     return [

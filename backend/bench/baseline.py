@@ -12,10 +12,10 @@ DATABASE_STATEMENT_TIMEOUT_MS, DATABASE_PREPARED_STATEMENTS.
 
 What it leaves out on purpose (each is a cost the app pays and the ratio shows): middleware
 (request log, request id, deadline, CORS, security headers, body size limit), the rate limiter,
-idempotency keys, If-Match, list filters and paging, the app's stricter token checks (duplicate
-JSON members, forbidden headers), pydantic validation beyond a title check, a transaction and a
-SET LOCAL per request, and the pool's pre-ping. Each request is one statement in autocommit
-mode; the statement timeout is a connection option instead of a SET LOCAL.
+idempotency keys, If-Match, the list's ETag, list filters and paging, the app's stricter token
+checks (duplicate JSON members, forbidden headers), pydantic validation beyond a title check, a
+transaction and a SET LOCAL per request, and the pool's pre-ping. Each request is one statement
+in autocommit mode; the statement timeout is a connection option instead of a SET LOCAL.
 """
 
 import asyncio

@@ -13,6 +13,10 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from bench.run import (
+    DIAGNOSTIC_NOTES,
+    DISPLAY_ORDER,
+    PHASES,
+    SCENARIOS,
     CpuMeter,
     ScenarioResult,
     WrkResult,
@@ -236,7 +240,9 @@ def test_the_machine_description_needs_no_linux_only_call(monkeypatch: pytest.Mo
     assert machine_info()["cpus_usable"] == os.cpu_count()
 
 
-def test_clustering_stores_each_users_tasks_together_in_the_lists_order(postgres_url: str) -> None:
+def test_clustering_stores_each_users_tasks_together_in_the_list_indexs_order(
+    postgres_url: str,
+) -> None:
     """The list-clustered scenario's table: seeded spread over the users (as the benchmark
     seeds), then stored user by user through the list's index, by the migrations' own name."""
     url = make_url(postgres_url).set(database=f"todo_test_bench_{uuid.uuid4().hex[:8]}")
@@ -262,3 +268,10 @@ def test_clustering_stores_each_users_tasks_together_in_the_lists_order(postgres
             assert ids == sorted(ids)  # created_at rises with the id, as the index orders them
     finally:
         drop_database(bench_url)
+
+
+def test_every_diagnostic_scenario_is_shown_and_explained() -> None:
+    diagnostics = {scenario.name for scenario in SCENARIOS if scenario.diagnostic}
+    assert diagnostics == set(DIAGNOSTIC_NOTES)
+    assert set(DISPLAY_ORDER) == {scenario.name for scenario in SCENARIOS}
+    assert {scenario.phase for scenario in SCENARIOS} == set(PHASES)

@@ -465,19 +465,32 @@ async def test_the_list_answers_304_to_its_etag_until_anything_listed_changes(
     url = tasks_url(suffix=f"/{task['id']}")
     etag = (await fetch(client)).headers["ETag"]
     seen = {etag}
-    changes: list[tuple[str, Callable[[], Awaitable[object]]]] = [
-        ("toggle", lambda: client.patch(f"{url}/complete", headers=auth())),
-        ("description", lambda: client.put(url, json={"description": "n2"}, headers=auth())),
-        ("create", lambda: create(client, "second")),
-        ("delete", lambda: client.delete(url, headers=auth())),
+
+    async def toggle() -> int:
+        return (await client.patch(f"{url}/complete", headers=auth())).status_code
+
+    async def describe() -> int:
+        return (await client.put(url, json={"description": "n2"}, headers=auth())).status_code
+
+    async def add() -> int:
+        return (await client.post(tasks_url(), json={"title": "2nd"}, headers=auth())).status_code
+
+    async def remove() -> int:
+        return (await client.delete(url, headers=auth())).status_code
+
+    changes: list[tuple[str, Callable[[], Awaitable[int]], int]] = [
+        ("toggle", toggle, 200),
+        ("description", describe, 200),
+        ("create", add, 201),
+        ("delete", remove, 204),
     ]
-    for change, write in changes:
+    for change, write, expected in changes:
         unchanged = await client.get(tasks_url(), headers={**auth(), "If-None-Match": etag})
         assert unchanged.status_code == 304, change
         assert unchanged.content == b""
         assert unchanged.headers["ETag"] == etag
         assert unchanged.headers["X-Total-Count"].isdigit()
-        await write()
+        assert await write() == expected, change
         changed = await client.get(tasks_url(), headers={**auth(), "If-None-Match": etag})
         assert changed.status_code == 200, change
         etag = changed.headers["ETag"]
