@@ -1,9 +1,12 @@
 """What surrounds the task routes: health, readiness, CORS, OpenAPI, errors for unknown paths."""
 
+import asyncio
+import gc
+
 from httpx import ASGITransport, AsyncClient
 
-from main import create_app
-from tests.support import make_settings
+from main import YOUNG_GENERATION_THRESHOLD, create_app
+from tests.support import ALICE, auth, make_settings
 
 
 async def test_health_needs_no_token_and_no_database(client: AsyncClient) -> None:
@@ -116,3 +119,43 @@ async def test_openapi_documents_bearer_auth_and_every_error(client: AsyncClient
     docs = await client.get("/docs")
     assert docs.status_code == 200
     assert "swagger-ui" in docs.text
+
+
+async def test_requests_in_flight_do_not_set_off_young_collections(client: AsyncClient) -> None:
+    # The lifespan (run by the `app` fixture) raised the young generation's trigger above what
+    # requests in flight hold; under the default trigger, the same burst sets off collections.
+    raised = gc.get_threshold()
+    assert raised[0] == YOUNG_GENERATION_THRESHOLD
+    assert gc.get_freeze_count() > 0
+    for number in range(20):
+        created = await client.post(
+            f"/api/{ALICE}/tasks", json={"title": f"t{number}"}, headers=auth()
+        )
+        assert created.status_code == 201
+
+    async def young_collections_during_a_burst() -> int:
+        collections = 0
+
+        def count(phase: str, info: dict[str, int]) -> None:
+            nonlocal collections
+            if phase == "start" and info["generation"] == 0:
+                collections += 1
+
+        gc.collect()
+        gc.callbacks.append(count)
+        try:
+            answers = await asyncio.gather(
+                *(client.get(f"/api/{ALICE}/tasks", headers=auth()) for _ in range(20))
+            )
+        finally:
+            gc.callbacks.remove(count)
+        assert all(answer.status_code == 200 and len(answer.json()) == 20 for answer in answers)
+        return collections
+
+    try:
+        gc.set_threshold(700, *raised[1:])  # CPython's default
+        with_default_trigger = await young_collections_during_a_burst()
+    finally:
+        gc.set_threshold(*raised)
+    assert with_default_trigger > 0
+    assert await young_collections_during_a_burst() == 0
