@@ -145,7 +145,7 @@ async def test_requests_in_flight_do_not_set_off_young_collections(client: Async
         gc.callbacks.append(count)
         try:
             answers = await asyncio.gather(
-                *(client.get(f"/api/{ALICE}/tasks", headers=auth()) for _ in range(20))
+                *(client.get(f"/api/{ALICE}/tasks", headers=auth()) for _ in range(12))
             )
         finally:
             gc.callbacks.remove(count)
