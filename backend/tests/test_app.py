@@ -1,4 +1,5 @@
-"""What surrounds the task routes: health, readiness, CORS, OpenAPI, errors for unknown paths."""
+"""What surrounds the task routes: health, readiness, CORS, OpenAPI, errors for unknown paths,
+the collector's settings after start-up."""
 
 import asyncio
 import gc
