@@ -68,9 +68,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     gc.freeze()
     # Under load, the requests in flight hold about 2,000 young objects (their coroutines,
     # cells and rows), more than the default trigger of 700 net allocations: the collector then
-    # ran several hundred times a second per worker, walked them each time and found them
-    # alive, 4-5% of a worker's CPU (37 µs per read, 77 per 100-task list, on the benchmark's
-    # machine). Above that working set, it runs when cyclic garbage has built up.
+    # ran about 230 times a second per busy worker, walked them each time and found them alive,
+    # 3.7-5.3% of the workers' CPU (README, Performance: "The garbage collector"). Above that
+    # working set, it runs when cyclic garbage has built up.
     gc.set_threshold(YOUNG_GENERATION_THRESHOLD, *gc.get_threshold()[1:])
     try:
         yield
