@@ -10,7 +10,6 @@ from typing import Annotated, Any, NoReturn
 
 import xxhash
 from fastapi import APIRouter, Body, Request, Response, status
-from sqlalchemy import ColumnElement, func
 
 import queries
 from database import Database
@@ -27,7 +26,7 @@ from errors import PreconditionFailed, TaskNotFound
 from idempotency import StoredResponse, request_fingerprint, reserve_or_replay, store_response
 from json_body import JSONBodyRoute, json_response, to_json
 from models import CompletionChange, ErrorMessage, TaskCreate, TaskPublic, TaskUpdate
-from queries import TASKS, ListOptions, etag_for, public_task, public_tasks
+from queries import ListOptions, etag_for, public_task, public_tasks
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -115,24 +114,22 @@ def _completed_filter(status_value: str | None, completed_value: str | None) -> 
     return None
 
 
-def _ordering(sort_value: str | None, order_value: str | None) -> tuple[ColumnElement[Any], ...]:
+def _ordering(sort_value: str | None, order_value: str | None) -> tuple[str, bool]:
+    """The sort key (`queries.SORT_COLUMNS`) and whether it runs descending."""
     sort = (sort_value or "created").lower()
-    column: ColumnElement[Any]
     # Each sort key with the direction it takes when no `order` is given.
     if sort in {"created_oldest", "oldest"}:
-        column, descending = TASKS.c.created_at, False
+        key, descending = "created", False
     elif sort in {"updated", "updated_at"}:
-        column, descending = TASKS.c.updated_at, True
+        key, descending = "updated", True
     elif sort == "title":
-        column, descending = func.lower(TASKS.c.title), False
+        key, descending = "title", False
     else:
-        column, descending = TASKS.c.created_at, True
+        key, descending = "created", True
     direction = (order_value or "").lower()
     if direction in {"asc", "desc"}:
         descending = direction == "desc"
-    if descending:
-        return column.desc(), TASKS.c.id.desc()
-    return column.asc(), TASKS.c.id.asc()
+    return key, descending
 
 
 LIST_PARAMETERS = [
@@ -161,15 +158,17 @@ def list_options(request: Request) -> ListOptions:
         return queries.DEFAULT_LIST
     # PostgreSQL text cannot hold NUL, and no stored title contains one.
     search_text = (_first(query.get("search"), query.get("q")) or "").replace("\x00", "")
+    sort, descending = _ordering(
+        _first(query.get("sort"), query.get("sort_by"), query.get("sortBy")),
+        _first(query.get("order"), query.get("sort_order"), query.get("sortOrder")),
+    )
     return ListOptions(
         completed=_completed_filter(
             _first(query.get("status"), query.get("status_filter")), query.get("completed")
         ),
         search=search_text or None,
-        order_by=_ordering(
-            _first(query.get("sort"), query.get("sort_by"), query.get("sortBy")),
-            _first(query.get("order"), query.get("sort_order"), query.get("sortOrder")),
-        ),
+        sort=sort,
+        descending=descending,
         limit=_non_negative(query.get("limit")),
         offset=_non_negative(_first(query.get("offset"), query.get("skip"))),
     )

@@ -182,6 +182,42 @@ async def test_a_current_if_match_lets_the_write_through(client: AsyncClient) ->
     assert star.status_code == 204
 
 
+@pytest.mark.parametrize("tags", [2, 12])
+@pytest.mark.parametrize(
+    ("method", "suffix", "body", "success"),
+    [
+        ("PATCH", "", {"title": "mine"}, 200),
+        ("PATCH", "/complete", None, 200),
+        ("DELETE", "", None, 204),
+    ],
+)
+async def test_if_match_may_name_several_versions(
+    client: AsyncClient,
+    tags: int,
+    method: str,
+    suffix: str,
+    body: dict[str, str] | None,
+    success: int,
+) -> None:
+    """Any one of the ETags listed may be the current one (a few tags, and more than the
+    statements kept per shape): the write goes through; with none current, 412."""
+    created = await client.post(tasks_url(), json={"title": "t"}, headers=auth())
+    task_id = created.json()["id"]
+    url = tasks_url(suffix=f"/{task_id}")
+    for title in ("v2", "v3"):
+        current = (await client.put(url, json={"title": title}, headers=auth())).headers["ETag"]
+    others = [created.headers["ETag"]] + [f'"{task_id}.{v}"' for v in range(4, 2 + tags)]
+    none_current = await client.request(
+        method, f"{url}{suffix}", json=body, headers={**auth(), "If-Match": ", ".join(others)}
+    )
+    assert none_current.status_code == 412
+    listed = [*others[: tags // 2], current, *others[tags // 2 :]]
+    response = await client.request(
+        method, f"{url}{suffix}", json=body, headers={**auth(), "If-Match": ", ".join(listed)}
+    )
+    assert response.status_code == success
+
+
 async def test_if_match_on_a_missing_task_is_404(client: AsyncClient) -> None:
     response = await client.put(
         tasks_url(suffix="/987654"), json={"title": "x"}, headers={**auth(), "If-Match": '"1.1"'}

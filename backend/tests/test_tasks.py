@@ -2,7 +2,10 @@
 
 import asyncio
 from datetime import UTC, datetime
+from typing import Any
 
+import pytest
+from fastapi import FastAPI
 from httpx import AsyncClient
 
 from tests.support import ALICE, BOB, auth
@@ -273,3 +276,65 @@ async def test_data_persists_across_an_app_restart(client: AsyncClient) -> None:
             response = await fresh.get(tasks_url(suffix=f"/{task['id']}"), headers=auth())
     assert response.status_code == 200
     assert response.json() == task
+
+
+# --- Statements: one per shape, the request's values as parameters ------------------------------
+
+
+@pytest.fixture
+def statements_run(app: FastAPI, monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Each statement object the app's database is given, in order (`scalar` runs `fetch_one`)."""
+    seen: list[object] = []
+    database = app.state.database
+    for name in ("fetch_all", "fetch_one"):
+        run = getattr(database, name)
+
+        async def recording(statement: object, parameters: object = None, run: Any = run) -> object:
+            seen.append(statement)
+            return await run(statement, parameters)
+
+        monkeypatch.setattr(database, name, recording)
+    return seen
+
+
+async def test_requests_of_one_shape_reuse_one_statement(
+    client: AsyncClient, statements_run: list[object]
+) -> None:
+    """Two requests that differ only in their values run the very same statement objects
+    (built and compiled once, not per request), and each still gets its own answer."""
+    first, second = await create(client, title="first"), await create(client, title="second")
+    done = await client.patch(tasks_url(suffix=f"/{second['id']}/complete"), headers=auth())
+    etag = (await client.get(tasks_url(suffix=f"/{first['id']}"), headers=auth())).headers["ETag"]
+
+    async def ran(method: str, url: str, expected: int, **kwargs: Any) -> list[object]:
+        statements_run.clear()
+        response = await client.request(method, url, headers=auth(), **kwargs)
+        assert response.status_code == expected, response.text
+        return list(statements_run)
+
+    first_url, second_url = (tasks_url(suffix=f"/{task['id']}") for task in (first, second))
+    pairs = [
+        (  # PATCH of the title, then PUT of title and description, one task then the other
+            await ran("PATCH", first_url, 200, json={"title": "first, renamed"}),
+            await ran("PATCH", second_url, 200, json={"title": "second, renamed"}),
+        ),
+        (
+            await ran("PUT", first_url, 200, json={"title": "a", "description": "x"}),
+            await ran("PUT", second_url, 200, json={"title": "b", "description": None}),
+        ),
+        (  # filtered, searched and paged: the rows and the total
+            await ran("GET", tasks_url(), 200, params={"status": "pending", "q": "a", "limit": 1}),
+            await ran("GET", tasks_url(), 200, params={"status": "done", "q": "b", "limit": 5}),
+        ),
+    ]
+    for one, other in pairs:
+        assert one
+        assert len(one) == len(other)
+        assert all(a is b for a, b in zip(one, other, strict=True))
+    pending = await client.get(tasks_url(), params={"status": "pending", "q": "A"}, headers=auth())
+    assert [task["title"] for task in pending.json()] == ["a"]
+    completed = await client.get(tasks_url(), params={"status": "done", "q": "B"}, headers=auth())
+    assert [task["id"] for task in completed.json()] == [done.json()["id"]]
+    assert completed.json()[0]["description"] is None
+    stale = await client.delete(first_url, headers={**auth(), "If-Match": etag})
+    assert stale.status_code == 412
