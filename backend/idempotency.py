@@ -13,16 +13,48 @@ from datetime import timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import Table, delete, select, update
+from sqlalchemy import Table, bindparam, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import SQLModel
 
-from database import Database
+from database import Database, static
 from errors import IdempotencyKeyInProgress, IdempotencyKeyReused
 from models import IdempotencyRecord, utc_now
 
 KEYS: Table = SQLModel.metadata.tables[IdempotencyRecord.__tablename__]
+# The statements of an idempotent create, built and compiled once (`database.static`).
+THIS_KEY = (KEYS.c.user_id == bindparam("owner_id")) & (KEYS.c.key == bindparam("idempotency_key"))
+DELETE_IF_EXPIRED = static(
+    delete(KEYS)
+    .where(THIS_KEY, KEYS.c.created_at < bindparam("expired_before"))
+    .returning(KEYS.c.key)
+)
+RESERVE = {
+    dialect.dialect.name: static(
+        dialect.insert(KEYS)
+        .values(
+            user_id=bindparam("owner_id"),
+            key=bindparam("idempotency_key"),
+            request_hash=bindparam("fingerprint"),
+            status_code=0,
+            response_body="",
+            created_at=bindparam("now"),
+        )
+        .on_conflict_do_nothing(index_elements=["user_id", "key"])
+        .returning(KEYS.c.key)
+    )
+    for dialect in (postgresql, sqlite)
+}
+SELECT_STORED = static(
+    select(KEYS.c.request_hash, KEYS.c.status_code, KEYS.c.response_body).where(THIS_KEY)
+)
+STORE_RESPONSE = static(
+    update(KEYS)
+    .where(THIS_KEY)
+    .values(status_code=bindparam("stored_status"), response_body=bindparam("stored_body"))
+    .returning(KEYS.c.key)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,31 +72,16 @@ async def reserve_or_replay(
 ) -> StoredResponse | None:
     """Reserve the key in the caller's transaction (None), or the response already given."""
     now = utc_now()
-    this_key = (KEYS.c.user_id == owner_id) & (KEYS.c.key == key)
+    this_key = {"owner_id": owner_id, "idempotency_key": key}
     await db.fetch_one(
-        delete(KEYS)
-        .where(this_key, KEYS.c.created_at < now - timedelta(seconds=ttl_seconds))
-        .returning(KEYS.c.key)
+        DELETE_IF_EXPIRED, {**this_key, "expired_before": now - timedelta(seconds=ttl_seconds)}
     )
-    dialect = postgresql if db.dialect == "postgresql" else sqlite
     reserved = await db.scalar(
-        dialect.insert(KEYS)
-        .values(
-            user_id=owner_id,
-            key=key,
-            request_hash=fingerprint,
-            status_code=0,
-            response_body="",
-            created_at=now,
-        )
-        .on_conflict_do_nothing(index_elements=["user_id", "key"])
-        .returning(KEYS.c.key)
+        RESERVE[db.dialect], {**this_key, "fingerprint": fingerprint, "now": now}
     )
     if reserved is not None:
         return None
-    record = await db.fetch_one(
-        select(KEYS.c.request_hash, KEYS.c.status_code, KEYS.c.response_body).where(this_key)
-    )
+    record = await db.fetch_one(SELECT_STORED, this_key)
     # Reserved and answered in one transaction, so never seen half-done; but a key can expire
     # and be deleted between the insert and this read.
     if record is None or record[1] == 0:
@@ -76,12 +93,13 @@ async def reserve_or_replay(
 
 
 async def store_response(db: Database, owner_id: str, key: str, response: StoredResponse) -> None:
-    await db.fetch_one(
-        update(KEYS)
-        .where(KEYS.c.user_id == owner_id, KEYS.c.key == key)
-        .values(status_code=response.status_code, response_body=response.body.decode())
-        .returning(KEYS.c.key)
-    )
+    parameters = {
+        "owner_id": owner_id,
+        "idempotency_key": key,
+        "stored_status": response.status_code,
+        "stored_body": response.body.decode(),
+    }
+    await db.fetch_one(STORE_RESPONSE, parameters)
 
 
 async def purge_expired(engine: AsyncEngine, ttl_seconds: int) -> int:

@@ -1,6 +1,8 @@
 """The locked API, route by route, as the frontends use it (CONTRACT.md)."""
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -283,17 +285,33 @@ async def test_data_persists_across_an_app_restart(client: AsyncClient) -> None:
 
 @pytest.fixture
 def statements_run(app: FastAPI, monkeypatch: pytest.MonkeyPatch) -> list[object]:
-    """Each statement object the app's database is given, in order (`scalar` runs `fetch_one`)."""
+    """Each statement object the app's database is given, in order, in a transaction too
+    (`scalar` runs `fetch_one`)."""
     seen: list[object] = []
+
+    def record(target: Any) -> None:
+        for name in ("fetch_all", "fetch_one"):
+            run = getattr(target, name)
+
+            async def recording(
+                statement: object, parameters: object = None, run: Any = run
+            ) -> object:
+                seen.append(statement)
+                return await run(statement, parameters)
+
+            monkeypatch.setattr(target, name, recording)
+
     database = app.state.database
-    for name in ("fetch_all", "fetch_one"):
-        run = getattr(database, name)
+    atomic = database.atomic
 
-        async def recording(statement: object, parameters: object = None, run: Any = run) -> object:
-            seen.append(statement)
-            return await run(statement, parameters)
+    @contextlib.asynccontextmanager
+    async def recording_atomic() -> AsyncIterator[Any]:
+        async with atomic() as transaction:
+            record(transaction)
+            yield transaction
 
-        monkeypatch.setattr(database, name, recording)
+    record(database)
+    monkeypatch.setattr(database, "atomic", recording_atomic)
     return seen
 
 
@@ -306,9 +324,12 @@ async def test_requests_of_one_shape_reuse_one_statement(
     done = await client.patch(tasks_url(suffix=f"/{second['id']}/complete"), headers=auth())
     etag = (await client.get(tasks_url(suffix=f"/{first['id']}"), headers=auth())).headers["ETag"]
 
-    async def ran(method: str, url: str, expected: int, **kwargs: Any) -> list[object]:
+    async def ran(
+        method: str, url: str, expected: int, key: str | None = None, **kwargs: Any
+    ) -> list[object]:
         statements_run.clear()
-        response = await client.request(method, url, headers=auth(), **kwargs)
+        headers = auth() if key is None else {**auth(), "Idempotency-Key": key}
+        response = await client.request(method, url, headers=headers, **kwargs)
         assert response.status_code == expected, response.text
         return list(statements_run)
 
@@ -322,6 +343,10 @@ async def test_requests_of_one_shape_reuse_one_statement(
             await ran("PUT", first_url, 200, json={"title": "a", "description": "x"}),
             await ran("PUT", second_url, 200, json={"title": "b", "description": None}),
         ),
+        (  # a create with an Idempotency-Key: the key reserved, the task, the answer stored
+            await ran("POST", tasks_url(), 201, key="one", json={"title": "c"}),
+            await ran("POST", tasks_url(), 201, key="two", json={"title": "d"}),
+        ),
         (  # filtered, searched and paged: the rows and the total
             await ran("GET", tasks_url(), 200, params={"status": "pending", "q": "a", "limit": 1}),
             await ran("GET", tasks_url(), 200, params={"status": "done", "q": "b", "limit": 5}),
@@ -332,7 +357,7 @@ async def test_requests_of_one_shape_reuse_one_statement(
         assert len(one) == len(other)
         assert all(a is b for a, b in zip(one, other, strict=True))
     pending = await client.get(tasks_url(), params={"status": "pending", "q": "A"}, headers=auth())
-    assert [task["title"] for task in pending.json()] == ["a"]
+    assert [task["title"] for task in pending.json()] == ["a"]  # "c" and "d" are pending too
     completed = await client.get(tasks_url(), params={"status": "done", "q": "B"}, headers=auth())
     assert [task["id"] for task in completed.json()] == [done.json()["id"]]
     assert completed.json()[0]["description"] is None
