@@ -42,8 +42,9 @@ Parameters = Mapping[str, Any] | None
 StatementT = TypeVar("StatementT", bound=Executable)
 POSTGRES = PGDialectAsync_psycopg()  # type: ignore[no-untyped-call]
 SELECT_ONE: Select[Any] = select(literal_column("1"))
-# ids of the module-level statements (`static()`): their SQL is compiled once per process.
-_static_statements: set[int] = set()
+# The statements marked `static()`, by id: their SQL is compiled once per process. Held here, so
+# that no other statement can take the id of one while its SQL is kept.
+_static_statements: dict[int, Executable] = {}
 # A binary timestamptz is microseconds since 2000-01-01 UTC, whatever the session's TimeZone:
 # read with the plain timestamp loader it is that UTC moment as a naive datetime. psycopg's own
 # loader converts each value into the session's zone (zoneinfo), and orjson then asks that zone
@@ -209,7 +210,7 @@ class PostgresDatabase(_Statements):
                 dialect=POSTGRES, compile_kwargs={"render_postcompile": True}
             )
             cached = (str(compiled), dict(compiled.params))
-            if key in _static_statements:
+            if is_static(statement):
                 self._compiled[key] = cached
         sql, defaults = cached
         return sql, {**defaults, **(parameters or {})}
@@ -357,9 +358,14 @@ class _SQLAlchemyTransaction(_Statements):
 
 
 def static(statement: StatementT) -> StatementT:
-    """Mark a module-level statement: compiled once, its SQL kept for the process's life."""
-    _static_statements.add(id(statement))
+    """Mark a statement built once (module-level, or once per shape): compiled once, its SQL and
+    the statement kept for the process's life."""
+    _static_statements[id(statement)] = statement
     return statement
+
+
+def is_static(statement: Executable) -> bool:
+    return _static_statements.get(id(statement)) is statement
 
 
 def create_database(

@@ -17,6 +17,7 @@ from sqlalchemy import (
     BindParameter,
     ColumnElement,
     Executable,
+    Integer,
     Select,
     Table,
     and_,
@@ -153,9 +154,9 @@ def _list_statements(
     order = (column.desc(), TASKS.c.id.desc()) if descending else (column.asc(), TASKS.c.id.asc())
     statement = select(*LIST_COLUMNS).where(*conditions).order_by(*order)
     if limited:
-        statement = statement.limit(bindparam("limit"))
+        statement = statement.limit(bindparam("limit", type_=Integer))
     if offset:
-        statement = statement.offset(bindparam("offset"))
+        statement = statement.offset(bindparam("offset", type_=Integer))
     count = select(func.count()).select_from(TASKS).where(*conditions)
     return static(statement), static(count)
 

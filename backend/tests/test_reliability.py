@@ -182,7 +182,7 @@ async def test_a_current_if_match_lets_the_write_through(client: AsyncClient) ->
     assert star.status_code == 204
 
 
-@pytest.mark.parametrize("tags", [2, 12])
+@pytest.mark.parametrize("stale_tags", [1, 7, 8, 12])
 @pytest.mark.parametrize(
     ("method", "suffix", "body", "success"),
     [
@@ -193,27 +193,31 @@ async def test_a_current_if_match_lets_the_write_through(client: AsyncClient) ->
 )
 async def test_if_match_may_name_several_versions(
     client: AsyncClient,
-    tags: int,
+    stale_tags: int,
     method: str,
     suffix: str,
     body: dict[str, str] | None,
     success: int,
 ) -> None:
-    """Any one of the ETags listed may be the current one (a few tags, and more than the
-    statements kept per shape): the write goes through; with none current, 412."""
+    """Only stale ETags listed: 412. The current one among them (the highest version, so the
+    last comparison of the statement's): the write goes through. Up to and past the number of
+    ETags whose statements are kept (`queries.MOST_VERSIONS_KEPT`)."""
     created = await client.post(tasks_url(), json={"title": "t"}, headers=auth())
     task_id = created.json()["id"]
     url = tasks_url(suffix=f"/{task_id}")
-    for title in ("v2", "v3"):
-        current = (await client.put(url, json={"title": title}, headers=auth())).headers["ETag"]
-    others = [created.headers["ETag"]] + [f'"{task_id}.{v}"' for v in range(4, 2 + tags)]
+    current = created.headers["ETag"]
+    for version in range(2, stale_tags + 2):
+        renamed = await client.put(url, json={"title": f"v{version}"}, headers=auth())
+        current = renamed.headers["ETag"]
+    assert current == f'"{task_id}.{stale_tags + 1}"'
+    stale = [f'"{task_id}.{version}"' for version in range(1, stale_tags + 1)]
     none_current = await client.request(
-        method, f"{url}{suffix}", json=body, headers={**auth(), "If-Match": ", ".join(others)}
+        method, f"{url}{suffix}", json=body, headers={**auth(), "If-Match": ", ".join(stale)}
     )
     assert none_current.status_code == 412
-    listed = [*others[: tags // 2], current, *others[tags // 2 :]]
+    listed = ", ".join([current, *stale])
     response = await client.request(
-        method, f"{url}{suffix}", json=body, headers={**auth(), "If-Match": ", ".join(listed)}
+        method, f"{url}{suffix}", json=body, headers={**auth(), "If-Match": listed}
     )
     assert response.status_code == success
 

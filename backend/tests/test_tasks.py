@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from httpx import AsyncClient
+from sqlalchemy.sql import Executable
 
+from database import is_static
 from tests.support import ALICE, BOB, auth
 
 TASK_FIELDS = {"id", "user_id", "title", "description", "completed", "created_at", "updated_at"}
@@ -284,17 +286,17 @@ async def test_data_persists_across_an_app_restart(client: AsyncClient) -> None:
 
 
 @pytest.fixture
-def statements_run(app: FastAPI, monkeypatch: pytest.MonkeyPatch) -> list[object]:
+def statements_run(app: FastAPI, monkeypatch: pytest.MonkeyPatch) -> list[Executable]:
     """Each statement object the app's database is given, in order, in a transaction too
     (`scalar` runs `fetch_one`)."""
-    seen: list[object] = []
+    seen: list[Executable] = []
 
     def record(target: Any) -> None:
         for name in ("fetch_all", "fetch_one"):
             run = getattr(target, name)
 
             async def recording(
-                statement: object, parameters: object = None, run: Any = run
+                statement: Executable, parameters: object = None, run: Any = run
             ) -> object:
                 seen.append(statement)
                 return await run(statement, parameters)
@@ -316,24 +318,28 @@ def statements_run(app: FastAPI, monkeypatch: pytest.MonkeyPatch) -> list[object
 
 
 async def test_requests_of_one_shape_reuse_one_statement(
-    client: AsyncClient, statements_run: list[object]
+    client: AsyncClient, statements_run: list[Executable]
 ) -> None:
     """Two requests that differ only in their values run the very same statement objects
     (built and compiled once, not per request), and each still gets its own answer."""
     first, second = await create(client, title="first"), await create(client, title="second")
     done = await client.patch(tasks_url(suffix=f"/{second['id']}/complete"), headers=auth())
-    etag = (await client.get(tasks_url(suffix=f"/{first['id']}"), headers=auth())).headers["ETag"]
+    first_url, second_url = (tasks_url(suffix=f"/{task['id']}") for task in (first, second))
+    stale = (await client.get(first_url, headers=auth())).headers["ETag"]
 
     async def ran(
-        method: str, url: str, expected: int, key: str | None = None, **kwargs: Any
-    ) -> list[object]:
+        method: str, url: str, expected: int, headers: dict[str, str] | None = None, **kwargs: Any
+    ) -> list[Executable]:
         statements_run.clear()
-        headers = auth() if key is None else {**auth(), "Idempotency-Key": key}
-        response = await client.request(method, url, headers=headers, **kwargs)
+        response = await client.request(
+            method, url, headers={**auth(), **(headers or {})}, **kwargs
+        )
         assert response.status_code == expected, response.text
         return list(statements_run)
 
-    first_url, second_url = (tasks_url(suffix=f"/{task['id']}") for task in (first, second))
+    async def current_etag(url: str) -> dict[str, str]:
+        return {"If-Match": (await client.get(url, headers=auth())).headers["ETag"]}
+
     pairs = [
         (  # PATCH of the title, then PUT of title and description, one task then the other
             await ran("PATCH", first_url, 200, json={"title": "first, renamed"}),
@@ -344,22 +350,36 @@ async def test_requests_of_one_shape_reuse_one_statement(
             await ran("PUT", second_url, 200, json={"title": "b", "description": None}),
         ),
         (  # a create with an Idempotency-Key: the key reserved, the task, the answer stored
-            await ran("POST", tasks_url(), 201, key="one", json={"title": "c"}),
-            await ran("POST", tasks_url(), 201, key="two", json={"title": "d"}),
+            await ran("POST", tasks_url(), 201, {"Idempotency-Key": "one"}, json={"title": "c"}),
+            await ran("POST", tasks_url(), 201, {"Idempotency-Key": "two"}, json={"title": "d"}),
         ),
         (  # filtered, searched and paged: the rows and the total
             await ran("GET", tasks_url(), 200, params={"status": "pending", "q": "a", "limit": 1}),
             await ran("GET", tasks_url(), 200, params={"status": "done", "q": "b", "limit": 5}),
         ),
     ]
-    for one, other in pairs:
-        assert one
-        assert len(one) == len(other)
-        assert all(a is b for a, b in zip(one, other, strict=True))
     pending = await client.get(tasks_url(), params={"status": "pending", "q": "A"}, headers=auth())
     assert [task["title"] for task in pending.json()] == ["a"]  # "c" and "d" are pending too
     completed = await client.get(tasks_url(), params={"status": "done", "q": "B"}, headers=auth())
     assert [task["id"] for task in completed.json()] == [done.json()["id"]]
     assert completed.json()[0]["description"] is None
-    stale = await client.delete(first_url, headers={**auth(), "If-Match": etag})
-    assert stale.status_code == 412
+    assert (
+        await client.delete(first_url, headers={**auth(), "If-Match": stale})
+    ).status_code == 412
+    pairs.append(  # a conditional toggle, then a conditional delete, one task then the other
+        (
+            await ran("PATCH", f"{first_url}/complete", 200, await current_etag(first_url)),
+            await ran("PATCH", f"{second_url}/complete", 200, await current_etag(second_url)),
+        )
+    )
+    pairs.append(
+        (
+            await ran("DELETE", first_url, 204, await current_etag(first_url)),
+            await ran("DELETE", second_url, 204, await current_etag(second_url)),
+        )
+    )
+    for one, other in pairs:
+        assert one
+        assert len(one) == len(other)
+        assert all(a is b for a, b in zip(one, other, strict=True))
+        assert all(is_static(statement) for statement in one)  # so compiled once, too
