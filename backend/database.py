@@ -221,7 +221,8 @@ class PostgresDatabase(_Statements):
         sql, values = self.compile(statement, parameters)
         connection = await self.pool.acquire()
         try:
-            return await (await self._execute(connection, sql, values)).fetchall()
+            prepare = is_static(statement)
+            return await (await self._execute(connection, sql, values, prepare)).fetchall()
         finally:
             self.pool.release(connection)
 
@@ -229,23 +230,29 @@ class PostgresDatabase(_Statements):
         sql, values = self.compile(statement, parameters)
         connection = await self.pool.acquire()
         try:
-            return await (await self._execute(connection, sql, values)).fetchone()
+            prepare = is_static(statement)
+            return await (await self._execute(connection, sql, values, prepare)).fetchone()
         finally:
             self.pool.release(connection)
 
     async def _execute(
-        self, connection: PooledConnection, sql: str, values: dict[str, Any]
+        self, connection: PooledConnection, sql: str, values: dict[str, Any], prepare: bool = True
     ) -> AsyncCursor[Any]:
-        """One statement in autocommit. A statement name missing on the server (see
+        """One statement in autocommit, prepared on the server from its sixth run unless
+        `prepare` is false. The request path prepares only `static` statements: one built per
+        request (If-Match naming many versions) can be a new SQL text each time, and would pile
+        up in the server session. A statement name missing on the server (see
         `UniqueStatementNames`) fails before anything runs: preparing stops on every connection
         and the statement runs again, unprepared."""
         try:
-            return await connection.statements.execute(sql, values, binary=True)
+            return await connection.statements.execute(
+                sql, values, binary=True, prepare=None if prepare else False
+            )
         except STATEMENT_NAME_ERRORS:
             if connection.prepare_threshold is None:
                 raise
             self._stop_preparing(connection)
-            return await connection.statements.execute(sql, values, binary=True)
+            return await connection.statements.execute(sql, values, binary=True, prepare=False)
 
     def _stop_preparing(self, connection: PooledConnection) -> None:
         if self.prepare_threshold is not None:

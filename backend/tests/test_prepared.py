@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import make_url, text
 
-from database import PREPARE_THRESHOLD, PostgresDatabase, UniqueStatementNames
+from database import PREPARE_THRESHOLD, PostgresDatabase, UniqueStatementNames, static
 from tests.pg_cluster import PrivateCluster, private_cluster
 from tests.pgbouncer import pgbouncer
 from tests.support import auth, make_settings, running_app
 
-DOUBLE = text("SELECT CAST(:n AS integer) * 2")
+DOUBLE = static(text("SELECT CAST(:n AS integer) * 2"))
 NAMES = "SELECT name FROM pg_prepared_statements ORDER BY name"
 
 
@@ -59,6 +59,21 @@ async def test_statements_are_prepared_by_default_under_the_connections_own_name
         assert database.prepare_threshold == PREPARE_THRESHOLD
     assert len(names) == 1
     assert names[0].startswith("todo_")
+
+
+async def test_only_statements_built_once_are_prepared(postgres_url: str) -> None:
+    """A statement built per request (If-Match naming many versions) can be a new SQL text each
+    time: prepared, it would pile up in the server session. Run as often, it is not prepared."""
+    async with postgres_database(
+        postgres_url, database_pool_size=1, database_max_overflow=0
+    ) as database:
+        for n in range(PREPARE_THRESHOLD + 2):
+            built = text("SELECT CAST(:n AS integer) * 3")
+            assert await database.scalar(built, {"n": n}) == 3 * n
+        assert await server_statement_names(database) == []
+        for n in range(PREPARE_THRESHOLD + 2):
+            await database.scalar(DOUBLE, {"n": n})
+        assert len(await server_statement_names(database)) == 1
 
 
 async def test_a_statement_missing_on_the_server_turns_preparing_off_and_still_runs(
@@ -108,7 +123,7 @@ async def test_nothing_is_deallocated_after_a_rollback_or_past_a_hundred_stateme
     async with postgres_database(
         postgres_url, database_pool_size=1, database_max_overflow=0
     ) as database:
-        shapes = [text(f"SELECT CAST(:n AS integer) + {shape}") for shape in range(110)]
+        shapes = [static(text(f"SELECT CAST(:n AS integer) + {shape}")) for shape in range(110)]
         for statement in shapes:
             for n in range(PREPARE_THRESHOLD + 1):
                 await database.scalar(statement, {"n": n})
