@@ -9,7 +9,7 @@ about 250 µs for a filtered list and 400 µs for an update, more than the rest 
 """
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -196,17 +196,10 @@ async def change_task(
     parameters = {"task_id": task_id, "owner_id": owner_id, "now": utc_now()}
     parameters.update({f"set_{name}": changes[name] for name in setting})
     parameters.update(_version_parameters(versions))
-    count = None if versions is None else len(versions)
-    return await db.fetch_one(_change_statement(setting, count, toggle), parameters)
+    return await db.fetch_one(_shaped(_build_change, versions, setting, toggle), parameters)
 
 
-def _change_statement(setting: tuple[str, ...], versions: int | None, toggle: bool) -> Executable:
-    if versions is not None and versions > MOST_VERSIONS_KEPT:
-        return _build_change(setting, versions, toggle)
-    return _kept_change(setting, versions, toggle)
-
-
-def _build_change(setting: tuple[str, ...], versions: int | None, toggle: bool) -> Executable:
+def _build_change(setting: tuple[str, ...], toggle: bool, versions: int | None) -> Executable:
     """An UPDATE … RETURNING of the fields in `setting`, or a flip of `completed` (one atomic
     statement: concurrent toggles each flip the value they find), if the task is at one of
     `versions` versions (parameters `if_match_0`, …; None: any version)."""
@@ -221,25 +214,13 @@ def _build_change(setting: tuple[str, ...], versions: int | None, toggle: bool) 
     return statement.values(values).returning(*COLUMNS)
 
 
-@functools.cache
-def _kept_change(setting: tuple[str, ...], versions: int | None, toggle: bool) -> Executable:
-    return static(_build_change(setting, versions, toggle))
-
-
 async def delete_task(
     db: Database, owner_id: str, task_id: int, versions: frozenset[int] | None
 ) -> bool:
     parameters: dict[str, Any] = {"task_id": task_id, "owner_id": owner_id}
     parameters.update(_version_parameters(versions))
-    count = None if versions is None else len(versions)
-    deleted = await db.fetch_one(_delete_statement(count), parameters)
+    deleted = await db.fetch_one(_shaped(_build_delete, versions), parameters)
     return deleted is not None
-
-
-def _delete_statement(versions: int | None) -> Executable:
-    if versions is not None and versions > MOST_VERSIONS_KEPT:
-        return _build_delete(versions)
-    return _kept_delete(versions)
 
 
 def _build_delete(versions: int | None) -> Executable:
@@ -249,9 +230,20 @@ def _build_delete(versions: int | None) -> Executable:
     return statement.returning(TASKS.c.id)
 
 
+def _shaped(
+    build: Callable[..., Executable], versions: frozenset[int] | None, *shape: Any
+) -> Executable:
+    """`build(*shape, number of versions)`: built once and kept (`static`), unless If-Match names
+    more than MOST_VERSIONS_KEPT versions, so that the shapes kept stay few."""
+    count = None if versions is None else len(versions)
+    if count is not None and count > MOST_VERSIONS_KEPT:
+        return build(*shape, count)
+    return _kept(build, *shape, count)
+
+
 @functools.cache
-def _kept_delete(versions: int | None) -> Executable:
-    return static(_build_delete(versions))
+def _kept(build: Callable[..., Executable], *shape: Any) -> Executable:
+    return static(build(*shape))
 
 
 async def task_exists(db: Database, owner_id: str, task_id: int) -> bool:
