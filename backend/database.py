@@ -14,7 +14,7 @@ transaction, with `SET LOCAL statement_timeout`.
 import logging
 import secrets
 import sys
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Protocol, TypeVar
 
@@ -40,6 +40,7 @@ from pool import ConnectionPool, PooledConnection
 logger = logging.getLogger("todo.database")
 Parameters = Mapping[str, Any] | None
 StatementT = TypeVar("StatementT", bound=Executable)
+ResultT = TypeVar("ResultT")
 POSTGRES = PGDialectAsync_psycopg()  # type: ignore[no-untyped-call]
 SELECT_ONE: Select[Any] = select(literal_column("1"))
 # The statements marked `static()`, by id: their SQL is compiled once per process. Held here, so
@@ -218,20 +219,23 @@ class PostgresDatabase(_Statements):
     async def fetch_all(
         self, statement: Executable, parameters: Parameters = None
     ) -> Sequence[Any]:
-        sql, values = self.compile(statement, parameters)
-        connection = await self.pool.acquire()
-        try:
-            prepare = is_static(statement)
-            return await (await self._execute(connection, sql, values, prepare)).fetchall()
-        finally:
-            self.pool.release(connection)
+        return await self._fetch(statement, parameters, AsyncCursor.fetchall)
 
     async def fetch_one(self, statement: Executable, parameters: Parameters = None) -> Any | None:
+        return await self._fetch(statement, parameters, AsyncCursor.fetchone)
+
+    async def _fetch(
+        self,
+        statement: Executable,
+        parameters: Parameters,
+        fetch: Callable[[AsyncCursor[Any]], Awaitable[ResultT]],
+    ) -> ResultT:
+        """Run the statement on a pooled connection and `fetch` its rows before the connection
+        goes back: its cursor is the next holder's."""
         sql, values = self.compile(statement, parameters)
         connection = await self.pool.acquire()
         try:
-            prepare = is_static(statement)
-            return await (await self._execute(connection, sql, values, prepare)).fetchone()
+            return await fetch(await self._execute(connection, sql, values, is_static(statement)))
         finally:
             self.pool.release(connection)
 
