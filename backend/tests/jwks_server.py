@@ -133,6 +133,7 @@ class IdleClosingJWKSServer(JWKSServer):
                     self.dropped += 1
                     return
                 self.fetches += 1
+                await asyncio.sleep(self.delay_seconds)
                 body = json.dumps({"keys": self.keys}).encode()
                 writer.write(
                     b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
