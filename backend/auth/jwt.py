@@ -384,7 +384,8 @@ class JWKSCache:
       at most one per `refresh_cooldown_seconds` however many such tokens arrive, so random `kid`s
       cannot make the backend hammer Better Auth.
     - Unreachable with nothing cached: `VerificationUnavailable` within `timeout_seconds`; after a
-      failed attempt, further requests fail at once until the cool-down has passed.
+      failed attempt, further requests fail at once until the cool-down has passed. Requests that
+      arrive while a fetch is under way wait for it (a page load sends several at once).
     """
 
     def __init__(
@@ -404,7 +405,8 @@ class JWKSCache:
         self._keys: list[PublishedKey] | None = None
         self._key_objects: dict[tuple[str | None, str], Any] = {}
         self._fetched_at = 0.0
-        self._last_attempt = -float("inf")
+        self._last_attempt = -float("inf")  # when the latest fetch started
+        self._attempt_ended = -float("inf")  # when the latest fetch ended, keys or not
         self._lock = asyncio.Lock()
         self._background: asyncio.Task[None] | None = None
         self.fetch_count = 0
@@ -415,7 +417,8 @@ class JWKSCache:
         if kid is not None and not isinstance(kid, str):
             raise InvalidToken("token kid is not a string")
         if self._keys is None:
-            if time.monotonic() - self._last_attempt < self._cooldown:
+            # With no keys, an attempt that has ended failed. One under way is waited for.
+            if time.monotonic() - self._attempt_ended < self._cooldown:
                 raise VerificationUnavailable("JWKS unreachable (recent attempt failed)")
             await self._refresh(wait_for_cooldown=False)
         elif time.monotonic() - self._fetched_at > self._max_age:
@@ -460,8 +463,9 @@ class JWKSCache:
     async def _refresh(self, *, wait_for_cooldown: bool) -> None:
         requested_at = time.monotonic()
         async with self._lock:
-            if self._last_attempt >= requested_at:
-                # Another request refreshed while this one waited for the lock.
+            if self._attempt_ended >= requested_at:
+                # A fetch ended while this request waited for the lock: its answer is as fresh
+                # as this request needs.
                 if self._keys is None:
                     raise VerificationUnavailable("JWKS unreachable")
                 return
@@ -473,6 +477,7 @@ class JWKSCache:
             try:
                 keys = await self._fetch()
             except VerificationUnavailable:
+                self._attempt_ended = time.monotonic()
                 if self._keys is None or wait_for_cooldown:
                     raise
                 logger.warning("JWKS refresh failed; keeping the keys fetched before")
@@ -481,7 +486,7 @@ class JWKSCache:
                 self.generation += 1
             self._keys = keys
             self._key_objects.clear()
-            self._fetched_at = time.monotonic()
+            self._fetched_at = self._attempt_ended = time.monotonic()
 
     async def _fetch(self) -> list[PublishedKey]:
         self.fetch_count += 1

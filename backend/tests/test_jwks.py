@@ -187,6 +187,28 @@ async def test_random_kids_cannot_make_the_backend_hammer_better_auth(
     assert jwks.fetches == 2
 
 
+async def test_requests_that_arrive_while_the_first_keys_are_fetched_wait_for_them(
+    jwks: JWKSServer, tmp_path: Path
+) -> None:
+    """A page load sends several requests at once to a worker that has no keys yet: they wait
+    for the one fetch under way; none is told Better Auth is unreachable."""
+    key = SigningKey.generate("EdDSA")
+    jwks.publish(key)
+    jwks.delay_seconds = 0.5  # the fetch is still under way when the other requests arrive
+    async with backend_for(
+        jwks.base_url, tmp_path / "db.sqlite", jwks_refresh_cooldown_seconds=2.0
+    ) as client:
+        tokens = [signed_by(jwks, key, user_id=user) for user in (ALICE, BOB) * 3]
+        responses = await asyncio.gather(
+            *(
+                client.get(f"/api/{user}/tasks", headers=bearer(token))
+                for user, token in zip((ALICE, BOB) * 3, tokens, strict=True)
+            )
+        )
+    assert [response.status_code for response in responses] == [200] * 6
+    assert jwks.fetches == 1
+
+
 @pytest.mark.parametrize(
     ("declared", "signing", "header_alg"),
     [
