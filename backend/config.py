@@ -4,6 +4,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
+import httpx
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -115,6 +116,22 @@ class Settings(BaseSettings):
     @classmethod
     def empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("better_auth_url", "better_auth_jwks_url")
+    @classmethod
+    def http_url(cls, value: str | None) -> str | None:
+        """Better Auth's addresses must be http(s) URLs with a host: a value the HTTP client
+        cannot send to (a stray quote, a bad port) would otherwise pass start-up and fail the
+        first token that needs Better Auth."""
+        if value is None:
+            return None
+        try:
+            url = httpx.URL(value.strip())
+        except httpx.InvalidURL:
+            url = None
+        if url is None or url.scheme not in {"http", "https"} or not url.host:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return value
 
     @model_validator(mode="after")
     def refuse_unsafe_production(self) -> "Settings":

@@ -73,6 +73,42 @@ def test_a_bad_setting_stops_start_up_without_echoing_values(
     assert "AbC123dEf" not in message
 
 
+@pytest.mark.parametrize("variable", ["BETTER_AUTH_URL", "BETTER_AUTH_JWKS_URL"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        'http://localhost:3000"',  # a stray quote: the HTTP client cannot parse it
+        "http://[::1]:3000x",  # a port that is not a number
+        '"http://localhost:3000"',  # quoted in a shell export: no scheme left
+        "localhost:3000",
+        "ftp://auth.example.com",
+        "http:///api/auth/jwks",  # no host
+    ],
+)
+def test_a_better_auth_address_the_client_cannot_use_stops_start_up(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    """Otherwise it passes start-up and the first token that needs Better Auth gets a 500."""
+    monkeypatch.setenv(variable, value)
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            get_settings()
+    finally:
+        get_settings.cache_clear()
+    message = str(stopped.value)
+    assert f"{variable.lower()}: Value error, must be an http:// or https:// URL" in message
+    assert value not in message
+
+
+@pytest.mark.parametrize(
+    "value", ["http://localhost:3000", "https://auth.example.com/base/", "http://[::1]:3000 "]
+)
+def test_better_auth_addresses_as_users_write_them_are_accepted(value: str) -> None:
+    settings = make_settings(better_auth_url=value, better_auth_jwks_url=value)
+    assert settings.jwks_url == value
+
+
 def test_environment_names_the_frontends_use(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NEON_DATABASE_URL", "postgresql://neon@host/db")
     monkeypatch.setenv("CORS_ORIGINS", "https://app.example.com/, http://localhost:3000")
