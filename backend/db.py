@@ -22,6 +22,9 @@ POSTGRES_DRIVERS = {
 # migrates, the others then find the schema at head.
 MIGRATION_LOCK_KEY = 0x70D05C4E
 SQLITE_DRIVERS = {"sqlite", "sqlite+aiosqlite", "sqlite+pysqlite"}
+# How long a write waits for another writer's lock on the embedded SQLite file, as a share of the
+# request deadline (REQUEST_TIMEOUT_SECONDS; 8.8 s of the default 11).
+SQLITE_BUSY_SHARE_OF_DEADLINE = 0.8
 
 
 class UnsupportedDatabaseURL(ValueError):
@@ -68,7 +71,7 @@ def normalize_database_url(raw: str) -> URL:
 def create_engine(settings: Settings, url: URL | None = None) -> AsyncEngine:
     url = url or database_url(settings)
     if url.get_backend_name() == "sqlite":
-        return _create_sqlite_engine(url)
+        return _create_sqlite_engine(url, settings)
     # On PostgreSQL this engine runs the migrations (and the hourly key purge), each in a real
     # transaction: DDL all or nothing, the migration lock held to the end. Requests run on the
     # app's own pool (pool.py, used by database.py), with their own statement timeout.
@@ -88,10 +91,13 @@ def create_engine(settings: Settings, url: URL | None = None) -> AsyncEngine:
     )
 
 
-def _create_sqlite_engine(url: URL) -> AsyncEngine:
+def _create_sqlite_engine(url: URL, settings: Settings) -> AsyncEngine:
     if url.database and url.database != ":memory:":
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_async_engine(url, connect_args={"timeout": 30})
+    # A writer waits for another's lock in aiosqlite's thread, which the request deadline cannot
+    # interrupt: the wait must end first, for the 503 to go out within the deadline.
+    busy_seconds = settings.request_timeout_seconds * SQLITE_BUSY_SHARE_OF_DEADLINE
+    engine = create_async_engine(url, connect_args={"timeout": busy_seconds})
 
     @event.listens_for(engine.sync_engine, "connect")
     def configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
@@ -99,7 +105,7 @@ def _create_sqlite_engine(url: URL) -> AsyncEngine:
         # WAL lets readers and one writer work at once; the busy timeout queues writers.
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_seconds * 1000)}")
         cursor.close()
         # SQLite's own lower() folds ASCII only; search must ignore case as PostgreSQL does.
         dbapi_connection.create_function("lower", 1, _unicode_lower, deterministic=True)

@@ -4,6 +4,7 @@ two instances sharing one database."""
 import asyncio
 import contextlib
 import signal
+import sqlite3
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ import pytest
 from httpx import AsyncClient
 from sqlalchemy import text
 
+from errors import DatabaseUnavailable
 from tests.jwks_server import silent_listener
 from tests.support import auth, running_app, uvicorn_server
 
@@ -157,6 +159,36 @@ async def test_a_statement_past_the_deadline_is_cancelled_on_the_server(
             await blocker.rollback()
         after = await client.get(task_url, headers=auth(user))
         assert after.json()["completed"] is False
+
+
+async def test_a_write_that_another_sqlite_writer_blocks_is_a_503_within_the_deadline(
+    tmp_path: Path,
+) -> None:
+    """The embedded SQLite database: a write waits for the file's lock in a thread that the
+    request deadline cannot interrupt, so SQLite itself gives up first and the 503 comes in
+    time (before, it came after SQLite's own 30 s)."""
+    database = tmp_path / "db.sqlite"
+    user = f"user-{uuid.uuid4().hex}"
+    async with running_app(
+        database_url=f"sqlite:///{database}", request_timeout_seconds=2
+    ) as client:
+        blocker = sqlite3.connect(database)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+            async with asyncio.timeout(60):
+                blocked = await client.post(
+                    tasks_url(user), json={"title": "t"}, headers=auth(user)
+                )
+        finally:
+            blocker.rollback()
+            blocker.close()
+        # The database's answer, not the deadline's ("could not answer in time"), which comes
+        # only once the thread is free.
+        assert blocked.status_code == 503
+        assert blocked.json()["detail"] == DatabaseUnavailable.detail
+        assert (await client.get(tasks_url(user), headers=auth(user))).json() == []
+        retried = await client.post(tasks_url(user), json={"title": "t"}, headers=auth(user))
+        assert retried.status_code == 201
 
 
 async def test_two_instances_create_once_for_one_idempotency_key(postgres_url: str) -> None:
