@@ -20,6 +20,7 @@ from errors import (
     InvalidCredentials,
     NotAuthenticated,
     TooManyRequests,
+    TooManyVersions,
     WrongUser,
 )
 from models import IDEMPOTENCY_KEY_MAX_LENGTH, TASK_ID_MAX, TASK_ID_MIN
@@ -27,6 +28,9 @@ from ratelimit import RateLimiter
 
 logger = logging.getLogger("todo.auth")
 MAX_VERSION = 2**31 - 1  # the version column is a 32-bit integer
+# Each version is a comparison in the statement, built for the request past a few (queries.py):
+# a client lists one ETag, or a handful of tabs' worth.
+MOST_IF_MATCH_VERSIONS = 100
 
 # Documents the bearer token in OpenAPI (main.py adds it to every /api operation); the token
 # itself is read by `bearer_token`, the way this scheme would read it.
@@ -134,7 +138,8 @@ def expected_etags(request: Request) -> frozenset[str] | None:
 
 
 def versions_allowed(etags: frozenset[str] | None, task_id: int) -> frozenset[int] | None:
-    """The task versions those ETags name (empty: none can match, a 412 if the task exists)."""
+    """The task versions those ETags name (empty: none can match, a 412 if the task exists);
+    400 past MOST_IF_MATCH_VERSIONS."""
     if etags is None:
         return None
     versions = set()
@@ -146,6 +151,10 @@ def versions_allowed(etags: frozenset[str] | None, task_id: int) -> frozenset[in
         fits = version.isascii() and version.isdigit() and len(version) <= 10
         if task_part == str(task_id) and fits and int(version) <= MAX_VERSION:
             versions.add(int(version))
+    if len(versions) > MOST_IF_MATCH_VERSIONS:
+        raise TooManyVersions(
+            f"If-Match names more than {MOST_IF_MATCH_VERSIONS} versions of this task."
+        )
     return frozenset(versions)
 
 

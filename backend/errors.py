@@ -48,6 +48,11 @@ class IdempotencyKeyInProgress(APIError):
     default_headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
 
 
+class TooManyVersions(APIError):
+    status_code = status.HTTP_400_BAD_REQUEST
+    detail = "If-Match names more versions of this task than are compared."
+
+
 class PreconditionFailed(APIError):
     status_code = status.HTTP_412_PRECONDITION_FAILED
     detail = "The task has changed since it was read (If-Match does not match its ETag)."

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Body, Request, Response, status
 import queries
 from database import Database
 from dependencies import (
+    MOST_IF_MATCH_VERSIONS,
     IdempotencyKey,
     TaskId,
     UserId,
@@ -68,7 +69,9 @@ IF_NONE_MATCH = _optional_header(
     "If-None-Match", "304 while the answer still has one of these ETags."
 )
 IF_MATCH = _optional_header(
-    "If-Match", "Change only if the task still has one of these ETags; else 412."
+    "If-Match",
+    "Change only if the task still has one of these ETags; else 412. More than "
+    f"{MOST_IF_MATCH_VERSIONS} versions of the task named: 400.",
 )
 
 # If-Match is read from the request (`expected_etags`) and documented here.
