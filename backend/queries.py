@@ -43,6 +43,7 @@ TASKS: Table = SQLModel.metadata.tables[Task.__tablename__]
 TaskRow: TypeAlias = Any
 ListRow: TypeAlias = Any
 ID, VERSION = 0, 7
+FIRST_VERSION = 1  # a new task's; each change adds one
 COLUMNS = (
     TASKS.c.id,
     TASKS.c.user_id,
@@ -76,7 +77,7 @@ INSERT_TASK = static(
         completed=bindparam("completed"),
         created_at=bindparam("now"),
         updated_at=bindparam("now"),
-        version=1,
+        version=FIRST_VERSION,
     )
     .returning(*COLUMNS)
 )
@@ -293,4 +294,8 @@ def public_tasks(owner_id: str, rows: Sequence[ListRow]) -> list[dict[str, Any]]
 
 
 def etag_for(row: TaskRow) -> str:
-    return f'"{row[ID]}.{row[VERSION]}"'
+    return task_etag(row[ID], row[VERSION])
+
+
+def task_etag(task_id: int, version: int) -> str:
+    return f'"{task_id}.{version}"'

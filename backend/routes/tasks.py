@@ -8,6 +8,7 @@ documents their shape.
 
 from typing import Annotated, Any, NoReturn
 
+import orjson
 import xxhash
 from fastapi import APIRouter, Body, Request, Response, status
 
@@ -259,7 +260,16 @@ async def create_task(
             transaction, user_id, idempotency_key, request_fingerprint(fields), ttl
         )
         if stored is not None:
-            return json_response(stored.body, stored.status_code, {"Idempotent-Replayed": "true"})
+            # A stored answer is a create's 201: the new task, at its first version.
+            created_id = orjson.loads(stored.body)["id"]
+            return json_response(
+                stored.body,
+                stored.status_code,
+                {
+                    "Idempotent-Replayed": "true",
+                    "ETag": queries.task_etag(created_id, queries.FIRST_VERSION),
+                },
+            )
         row = await queries.create_task(transaction, user_id, fields)
         body = to_json(public_task(row))
         await store_response(

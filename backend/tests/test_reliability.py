@@ -38,6 +38,8 @@ async def test_a_retried_create_returns_the_first_response_and_creates_once(
     assert retry.status_code == 201
     assert retry.json() == first.json()
     assert retry.headers["Idempotent-Replayed"] == "true"
+    # The first answer's ETag too, so that a client whose first answer was lost can use If-Match.
+    assert retry.headers["ETag"] == first.headers["ETag"] == f'"{first.json()["id"]}.1"'
     assert await count_tasks(client) == 1
 
 
