@@ -54,6 +54,17 @@ def test_development_runs_with_nothing_configured() -> None:
     assert database_url(settings).drivername == "sqlite+aiosqlite"
 
 
+def start_up_failure() -> str:
+    """What start-up stops with (`get_settings`), for the environment as the test set it."""
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            get_settings()
+    finally:
+        get_settings.cache_clear()
+    return str(stopped.value)
+
+
 def test_a_bad_setting_stops_start_up_without_echoing_values(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -61,13 +72,7 @@ def test_a_bad_setting_stops_start_up_without_echoing_values(
     monkeypatch.setenv("ENVIRONMENT", "production")
     monkeypatch.setenv("BETTER_AUTH_SECRET", secret)
     monkeypatch.setenv("DATABASE_URL", NEON_URL)
-    get_settings.cache_clear()
-    try:
-        with pytest.raises(SystemExit) as stopped:
-            get_settings()
-    finally:
-        get_settings.cache_clear()
-    message = str(stopped.value)
+    message = start_up_failure()
     assert "BETTER_AUTH_SECRET must be at least 32 bytes" in message
     assert secret not in message
     assert "AbC123dEf" not in message
@@ -90,13 +95,7 @@ def test_a_better_auth_address_the_client_cannot_use_stops_start_up(
 ) -> None:
     """Otherwise it passes start-up and the first token that needs Better Auth gets a 500."""
     monkeypatch.setenv(variable, value)
-    get_settings.cache_clear()
-    try:
-        with pytest.raises(SystemExit) as stopped:
-            get_settings()
-    finally:
-        get_settings.cache_clear()
-    message = str(stopped.value)
+    message = start_up_failure()
     assert f"{variable.lower()}: Value error, must be an http:// or https:// URL" in message
     assert value not in message
 
