@@ -12,10 +12,13 @@ from typing import Any
 import httpx
 import psycopg
 from fastapi import FastAPI, Request, status
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy import exc as sa_exc
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from auth.jwt import JWKSCache, SessionLookup, TokenVerifier
 from config import Settings, get_settings
@@ -130,6 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     document_bearer_token(app)
     app.add_exception_handler(APIError, handle_api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, handle_http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, handle_validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(sa_exc.SQLAlchemyError, handle_database_error)  # type: ignore[arg-type]
     app.add_exception_handler(psycopg.Error, handle_database_error)  # type: ignore[arg-type]
@@ -208,6 +212,18 @@ def error_response(error: APIError) -> JSONResponse:
 
 async def handle_api_error(_request: Request, error: APIError) -> JSONResponse:
     return error_response(error)
+
+
+async def handle_http_error(request: Request, error: StarletteHTTPException) -> Response:
+    """FastAPI's answer, but a 405's Allow names the methods of every route on the path: the
+    router stops at the first one, which has only some of them."""
+    if error.status_code == status.HTTP_405_METHOD_NOT_ALLOWED:
+        allowed: set[str] = set()
+        for route in request.app.router.routes:
+            if isinstance(route, Route) and route.matches(request.scope)[0] is not Match.NONE:
+                allowed |= route.methods or set()
+        error.headers = {**(error.headers or {}), "Allow": ", ".join(sorted(allowed))}
+    return await http_exception_handler(request, error)
 
 
 async def handle_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -4,6 +4,7 @@ the collector's settings after start-up."""
 import asyncio
 import gc
 
+import pytest
 from httpx import ASGITransport, AsyncClient
 
 from main import YOUNG_GENERATION_THRESHOLD, create_app
@@ -84,6 +85,24 @@ async def test_unknown_paths_and_methods_answer_with_a_detail(client: AsyncClien
     wrong_method = await client.post("/api/someone/tasks/1")
     assert wrong_method.status_code == 405
     assert wrong_method.json() == {"detail": "Method Not Allowed"}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("DELETE", "/api/someone/tasks", "GET, POST"),
+        ("POST", "/api/someone/tasks/1", "DELETE, GET, PATCH, PUT"),
+        ("GET", "/api/someone/tasks/1/complete", "PATCH"),
+    ],
+)
+async def test_a_405_names_every_method_of_the_path(
+    client: AsyncClient, method: str, path: str, allowed: str
+) -> None:
+    """RFC 9110 §15.5.6: Allow lists the methods the resource has, from all its routes, not
+    only the first route registered for the path."""
+    response = await client.request(method, path)
+    assert response.status_code == 405
+    assert response.headers["Allow"] == allowed
 
 
 async def test_openapi_documents_bearer_auth_and_every_error(client: AsyncClient) -> None:
