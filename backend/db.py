@@ -94,8 +94,9 @@ def create_engine(settings: Settings, url: URL | None = None) -> AsyncEngine:
 def _create_sqlite_engine(url: URL, settings: Settings) -> AsyncEngine:
     if url.database and url.database != ":memory:":
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    # A writer waits for another's lock in aiosqlite's thread, which the request deadline cannot
-    # interrupt: the wait must end first, for the 503 to go out within the deadline.
+    # sqlite3's `timeout` is SQLite's busy timeout: how long a write waits for another writer's
+    # lock, in aiosqlite's thread, which the request deadline cannot interrupt. It must end
+    # first, for the 503 to go out within the deadline.
     busy_seconds = settings.request_timeout_seconds * SQLITE_BUSY_SHARE_OF_DEADLINE
     engine = create_async_engine(url, connect_args={"timeout": busy_seconds})
 
@@ -105,7 +106,6 @@ def _create_sqlite_engine(url: URL, settings: Settings) -> AsyncEngine:
         # WAL lets readers and one writer work at once; the busy timeout queues writers.
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute(f"PRAGMA busy_timeout={int(busy_seconds * 1000)}")
         cursor.close()
         # SQLite's own lower() folds ASCII only; search must ignore case as PostgreSQL does.
         dbapi_connection.create_function("lower", 1, _unicode_lower, deterministic=True)
