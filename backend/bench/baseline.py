@@ -21,7 +21,7 @@ in autocommit mode; the statement timeout is a connection option instead of a SE
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -36,10 +36,20 @@ from starlette.routing import Route
 
 # The columns `select(Task)` reads; `version` makes the ETag and stays out of the JSON. Spelled
 # out in each statement, as the app's statements are. The list, as the app's, leaves out the
-# owner (the WHERE clause fixes it) and the version.
+# owner (the WHERE clause fixes it) and the version, and reads both of the owner's indexes
+# (`queries.owned`): the covering one for the tasks whose text fits it (models.FITS_LIST_INDEX),
+# the other for the rest. A plain `WHERE user_id = %s` could use neither.
 LIST_SQL = (
-    "SELECT id, title, description, completed, created_at, updated_at "
-    "FROM tasks WHERE user_id = %s ORDER BY created_at DESC, id DESC"
+    "SELECT id, title, description, completed, created_at, updated_at FROM ("
+    "SELECT id, title, description, completed, created_at, updated_at FROM tasks"
+    " WHERE user_id = %(owner)s"
+    " AND octet_length(user_id) + octet_length(title) + coalesce(octet_length(description), 0)"
+    " <= 2500"
+    " UNION ALL SELECT id, title, description, completed, created_at, updated_at FROM tasks"
+    " WHERE user_id = %(owner)s"
+    " AND octet_length(user_id) + octet_length(title) + coalesce(octet_length(description), 0)"
+    " > 2500"
+    ") AS owned ORDER BY created_at DESC, id DESC"
 )
 GET_SQL = (
     "SELECT id, user_id, title, description, completed, created_at, updated_at, version "
@@ -134,7 +144,7 @@ class Pool:
         else:
             self._idle.put_nowait(connection)
 
-    async def fetch(self, sql: str, params: Sequence[Any]) -> list[Row]:
+    async def fetch(self, sql: str, params: Sequence[Any] | Mapping[str, Any]) -> list[Row]:
         connection = await self._acquire()
         try:
             cursor = await connection.execute(sql, params)
@@ -225,7 +235,7 @@ async def list_tasks(request: Request) -> Response:
     user_id = authorize(request)
     if isinstance(user_id, Response):
         return user_id
-    rows = await POOL.fetch(LIST_SQL, (user_id,))
+    rows = await POOL.fetch(LIST_SQL, {"owner": user_id})
     tasks = [
         {
             "id": task_id,

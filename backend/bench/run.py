@@ -90,7 +90,7 @@ class Scenario:
     name: str
     mode: str  # the mode bench/wrk.lua runs
     dataset: str  # "small": the 50-task users, with task ids; "large": the 100-task users
-    # "small": before the 1M rows are loaded; "large": after; "clustered": after CLUSTER
+    # "small": before the 1M rows are loaded; "large": after
     phase: str
     writes: bool
     what: str
@@ -125,32 +125,18 @@ SCENARIOS = (
         "GET list, 1M-row table, the 50-task users",
         diagnostic=True,
     ),
-    Scenario(
-        "list-clustered",
-        "list",
-        "large",
-        "clustered",
-        False,
-        "GET list, 1M-row table stored user by user (CLUSTER), 100 tasks each",
-        diagnostic=True,
-    ),
 )
-PHASES = ("small", "large", "clustered")
+PHASES = ("small", "large")
 # What each diagnostic scenario isolates (printed under the table).
 DIAGNOSTIC_NOTES = {
     "list-1m": "the 50-task users' list once the table holds 1M rows (table size alone, same "
     "payload as `list`)",
-    "list-clustered": "`list-large` once the table is stored user by user (`CLUSTER`, what "
-    "`pg_repack --order-by` does online): a user's rows on a few pages instead of one page each",
 }
-# The index the list reads (models.py), which CLUSTER orders the table by.
-LIST_INDEX = "ix_tasks_user_id_created_at_id"
 SCENARIO_NAMES = tuple(scenario.name for scenario in SCENARIOS)
 DISPLAY_ORDER = (
     "list",
     "list-large",
     "list-1m",
-    "list-clustered",
     "get",
     "create",
     "toggle",
@@ -416,13 +402,6 @@ def seed(url: str, users: list[str], tasks_per_user: int, start: datetime) -> No
                 "start": start,
             },
         )
-    vacuum_analyze(url)
-
-
-def cluster_by_user(url: str) -> None:
-    """Store each user's rows together, in the list's order, as `pg_repack --order-by` would."""
-    with psycopg.connect(url, autocommit=True, connect_timeout=10) as connection:
-        connection.execute(sql.SQL("CLUSTER tasks USING {}").format(sql.Identifier(LIST_INDEX)))
     vacuum_analyze(url)
 
 
@@ -1114,18 +1093,16 @@ def print_report(
     if odd:
         print("errors by kind: " + "; ".join(odd), file=out)
     small = results.get("list")
-    larges = [results[name] for name in ("list-large", "list-clustered") if name in results]
-    if small is not None and small.ours.p50_ms and larges:
+    large = results.get("list-large")
+    if small is not None and small.ours.p50_ms and large is not None:
         print("", file=out)
-        for large in larges:
-            print(
-                f"{large.scenario} p50 / list p50: ours "
-                f"{large.ours.p50_ms / small.ours.p50_ms:.2f} "
-                f"({fmt_ms(large.ours.p50_ms)} / {fmt_ms(small.ours.p50_ms)} ms), baseline "
-                f"{large.baseline.p50_ms / (small.baseline.p50_ms or 1):.2f} "
-                f"({fmt_ms(large.baseline.p50_ms)} / {fmt_ms(small.baseline.p50_ms)} ms)",
-                file=out,
-            )
+        print(
+            f"list-large p50 / list p50: ours {large.ours.p50_ms / small.ours.p50_ms:.2f} "
+            f"({fmt_ms(large.ours.p50_ms)} / {fmt_ms(small.ours.p50_ms)} ms), baseline "
+            f"{large.baseline.p50_ms / (small.baseline.p50_ms or 1):.2f} "
+            f"({fmt_ms(large.baseline.p50_ms)} / {fmt_ms(small.baseline.p50_ms)} ms)",
+            file=out,
+        )
     cpu_lines = cpu_report(results)
     if cpu_lines:
         print("", file=out)
@@ -1408,12 +1385,6 @@ def benchmark(options: Options, started: float) -> int:
                         f"; large {LARGE_USERS:,} users x {LARGE_TASKS} tasks "
                         f"({LARGE_USERS * LARGE_TASKS:,} rows, seeded in {seconds:.0f} s)"
                     )
-                if phase == "clustered":
-                    clustered_started = time.monotonic()
-                    cluster_by_user(options.database_url)
-                    seconds = time.monotonic() - clustered_started
-                    say(f"clustered the table by {LIST_INDEX} in {seconds:.1f} s")
-                    data_text += f"; then CLUSTER by user ({seconds:.0f} s)"
                 for scenario in phase_scenarios:
                     results[scenario.name] = run_scenario(
                         scenario, options, wrk, app, baseline, files, seeded_max_id, meter

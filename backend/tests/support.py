@@ -2,6 +2,7 @@
 an app of its own for tests that need settings of their own."""
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -44,6 +45,15 @@ def make_token(
 
 def auth(user_id: str = ALICE, **kwargs: Any) -> dict[str, str]:
     return {"Authorization": f"Bearer {make_token(user_id, **kwargs)}"}
+
+
+def random_text(size: int, char_bytes: int, seed: int) -> str:
+    """`size` bytes of random characters of `char_bytes` bytes each in UTF-8 (CJK: 3 bytes,
+    CJK extension B: 4), made up to `size` with ASCII letters."""
+    generator = random.Random(seed)
+    first = 0x4E00 if char_bytes == 3 else 0x20000
+    wide = "".join(chr(first + generator.randrange(20_000)) for _ in range(size // char_bytes))
+    return wide + "x" * (size - len(wide.encode()))
 
 
 def make_settings(**overrides: Any) -> Settings:

@@ -20,7 +20,6 @@ from bench.run import (
     CpuMeter,
     ScenarioResult,
     WrkResult,
-    cluster_by_user,
     cpu_per_request,
     cpu_report,
     database_is_local,
@@ -240,32 +239,22 @@ def test_the_machine_description_needs_no_linux_only_call(monkeypatch: pytest.Mo
     assert machine_info()["cpus_usable"] == os.cpu_count()
 
 
-def test_clustering_stores_each_users_tasks_together_in_the_list_indexs_order(
-    postgres_url: str,
-) -> None:
-    """The list-clustered scenario's table: seeded spread over the users (as the benchmark
-    seeds), then stored user by user through the list's index, by the migrations' own name."""
+def test_the_seed_spreads_each_users_tasks_over_the_table(postgres_url: str) -> None:
+    """As many users writing over time leave them: a user's tasks on pages of their own, in
+    turn with everyone else's, ids and created_at rising together."""
     url = make_url(postgres_url).set(database=f"todo_test_bench_{uuid.uuid4().hex[:8]}")
     bench_url = url.render_as_string(hide_password=False)
     recreate_database(bench_url)
     try:
         migrate(server_env(bench_url, "s" * 64, 1, 0))
         seed(bench_url, ["carol", "alice", "bob"], 4, datetime(2026, 1, 1, tzinfo=UTC))
-
-        def stored() -> list[tuple[str, int]]:
-            with psycopg.connect(bench_url) as connection:
-                rows = connection.execute("SELECT user_id, id FROM tasks ORDER BY ctid")
-                return [(str(user), int(task)) for user, task in rows.fetchall()]
-
-        spread = stored()
-        assert [user for user, _ in spread[:3]] == ["carol", "alice", "bob"]
-        cluster_by_user(bench_url)
-        clustered = stored()
-        assert sorted(clustered) == sorted(spread)  # the same rows
-        assert [user for user, _ in clustered] == ["alice"] * 4 + ["bob"] * 4 + ["carol"] * 4
-        for user in ("alice", "bob", "carol"):
-            ids = [task for owner, task in clustered if owner == user]
-            assert ids == sorted(ids)  # created_at rises with the id, as the index orders them
+        with psycopg.connect(bench_url) as connection:
+            stored = connection.execute(
+                "SELECT user_id, id, created_at FROM tasks ORDER BY ctid"
+            ).fetchall()
+        assert [user for user, _, _ in stored] == ["carol", "alice", "bob"] * 4
+        assert [task for _, task, _ in stored] == sorted(task for _, task, _ in stored)
+        assert [at for _, _, at in stored] == sorted({at for _, _, at in stored})
     finally:
         drop_database(bench_url)
 

@@ -4,6 +4,8 @@ Lenient by contract: an unknown parameter or value is ignored (200, never 422, n
 Tasks whose timestamps matter are stored directly with fixed timestamps, so orderings are exact.
 """
 
+import importlib
+import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -12,10 +14,12 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from httpx import AsyncClient
+from sqlalchemy.dialects.postgresql import asyncpg
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from models import Task
-from tests.support import ALICE, BOB, auth
+from models import DESCRIPTION_MAX_LENGTH, LIST_INDEX_TEXT_BYTES, TITLE_MAX_LENGTH, Task
+from queries import SORT_COLUMNS, ListOptions, list_statements
+from tests.support import ALICE, BOB, auth, random_text
 
 START = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -591,3 +595,165 @@ async def test_a_page_number_of_thousands_of_digits_is_not_an_error(
     response = await client.get(tasks_url(), params={name: "9" * 5000}, headers=auth())
     assert response.status_code == 200
     assert response.headers["X-Total-Count"] == "1"
+
+
+# --- tasks too long for the covering index -------------------------------------------------------
+# models.py: a task whose text (owner, title, description) is over LIST_INDEX_TEXT_BYTES in UTF-8
+# is kept out of the covering index, whose entries hold at most 2,704 bytes; the list reads it
+# from the table instead. Random characters of three and four bytes do not compress: the sizes
+# below are the sizes PostgreSQL stores.
+
+
+ALICE_BYTES = len(ALICE.encode())
+FULL_TITLE = random_text(600, 3, 1)  # 200 characters: the longest title
+# Exactly at the limit (in the covering index), one byte over it (not), and the largest text the
+# API accepts: 200 + 1,000 characters of 4 bytes.
+AT_LIMIT = random_text(LIST_INDEX_TEXT_BYTES - ALICE_BYTES - 600, 3, 2)
+OVER_LIMIT = AT_LIMIT + "y"
+LARGEST_TITLE, LARGEST_DESCRIPTION = random_text(800, 4, 3), random_text(4000, 4, 4)
+
+
+@pytest.fixture
+async def sizes(app: FastAPI, client: AsyncClient) -> dict[str, int]:
+    """Five of Alice's tasks, both sides of the limit, by name; created in this order."""
+    assert len(FULL_TITLE) == len(LARGEST_TITLE) == TITLE_MAX_LENGTH
+    assert len(AT_LIMIT) < len(OVER_LIMIT) <= DESCRIPTION_MAX_LENGTH
+    assert len(LARGEST_DESCRIPTION) == DESCRIPTION_MAX_LENGTH
+    assert ALICE_BYTES + len(FULL_TITLE.encode()) + len(AT_LIMIT.encode()) == LIST_INDEX_TEXT_BYTES
+    return {
+        "short": await store(app, "Short one", created=1),
+        "at limit": await store(app, FULL_TITLE, created=2, description=AT_LIMIT),
+        "over limit": await store(
+            app, FULL_TITLE, created=3, description=OVER_LIMIT, completed=True
+        ),
+        "largest": await store(app, LARGEST_TITLE, created=4, description=LARGEST_DESCRIPTION),
+        "short done": await store(app, "another SHORT one", created=5, completed=True),
+    }
+
+
+async def test_tasks_too_long_for_the_covering_index_are_listed_like_the_others(
+    client: AsyncClient, sizes: dict[str, int]
+) -> None:
+    newest_first = [sizes[name] for name in reversed(list(sizes))]
+    listed = (await fetch(client)).json()
+    assert [task["id"] for task in listed] == newest_first
+    for task in listed:  # each whole, as reading it returns it
+        single = await client.get(tasks_url(suffix=f"/{task['id']}"), headers=auth())
+        assert single.json() == task
+    assert listed[1]["description"] == LARGEST_DESCRIPTION
+    assert await listed_ids(client, {"status": "completed"}) == [
+        sizes["short done"],
+        sizes["over limit"],
+    ]
+    assert await listed_ids(client, {"search": OVER_LIMIT[-10:]}) == [sizes["over limit"]]
+    assert await listed_ids(client, {"search": LARGEST_DESCRIPTION[500:510]}) == [sizes["largest"]]
+    assert await listed_ids(client, {"search": "short"}) == [sizes["short done"], sizes["short"]]
+    by_title = sorted(listed, key=lambda task: (task["title"].lower(), task["id"]))
+    assert await listed_ids(client, {"sort": "title"}) == [task["id"] for task in by_title]
+    for offset in range(5):
+        page = await fetch(client, {"limit": "2", "offset": str(offset)})
+        assert [task["id"] for task in page.json()] == newest_first[offset : offset + 2]
+        assert total(page) == 5
+    pending = await fetch(client, {"status": "pending", "limit": "1", "offset": "1"})
+    assert [task["id"] for task in pending.json()] == [sizes["at limit"]]
+    assert total(pending) == 3
+
+
+async def test_a_task_changed_across_the_limit_is_listed_once_as_changed(
+    client: AsyncClient, sizes: dict[str, int]
+) -> None:
+    """An update moves a task between the two indexes, both ways."""
+    grown, shrunk = sizes["short"], sizes["largest"]
+    for task_id, body in [
+        (grown, {"title": LARGEST_TITLE, "description": LARGEST_DESCRIPTION}),
+        (shrunk, {"title": "small now", "description": None}),
+        (sizes["at limit"], {"description": OVER_LIMIT}),
+        (sizes["over limit"], {"description": AT_LIMIT}),
+    ]:
+        response = await client.patch(tasks_url(suffix=f"/{task_id}"), json=body, headers=auth())
+        assert response.status_code == 200, response.text
+    listed = {task["id"]: task for task in (await fetch(client)).json()}
+    assert len(listed) == 5
+    assert listed[grown]["description"] == LARGEST_DESCRIPTION
+    assert (listed[shrunk]["title"], listed[shrunk]["description"]) == ("small now", None)
+    assert listed[sizes["at limit"]]["description"] == OVER_LIMIT
+    assert listed[sizes["over limit"]]["description"] == AT_LIMIT
+    assert await listed_ids(client, {"search": "small now"}) == [shrunk]
+
+
+async def test_every_list_statement_reads_through_the_owners_indexes(
+    app: FastAPI,
+    client: AsyncClient,
+    backend: str,
+    sizes: dict[str, int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each of the list's shapes and its count, and the benchmark baseline's list, run on both
+    partial indexes (each serves only a query whose WHERE clause carries its predicate; with
+    neither, a list reads the whole table), and on PostgreSQL read the covering one without
+    the table. A column added to the list but not to the index's INCLUDE would read the table
+    again for every task. Plans are forced off sequential and bitmap scans, which a table this
+    small would otherwise get, and PostgreSQL's are its generic plans, as prepared statements
+    get them."""
+    shapes = [
+        ListOptions(completed, search, sort, descending, limit, offset)
+        for completed in (None, True)
+        for search in (None, "one")
+        for sort in SORT_COLUMNS
+        for descending in (True, False)
+        for limit in (None, 2)
+        for offset in (None, 1)
+    ]
+    statements = [statement for shape in shapes for statement in list_statements(shape)]
+    values = {"owner_id": ALICE, "completed": True, "search": "one", "limit": 2, "offset": 1}
+    engine = app.state.engine
+    if backend == "sqlite":
+        async with engine.connect() as connection:
+            for statement in statements:
+                compiled = statement.compile(dialect=engine.dialect)
+                bound = {**compiled.params, **values}
+                positional = tuple(bound[name] for name in compiled.positiontup or ())
+                rows = await connection.exec_driver_sql(
+                    f"EXPLAIN QUERY PLAN {compiled}", positional
+                )
+                plan = "\n".join(str(row[-1]) for row in rows)
+                assert re.search(r"USING (COVERING )?INDEX ix_tasks_owner \(", plan), plan
+                assert "USING INDEX ix_tasks_owner_long (" in plan, plan
+                assert "SCAN tasks" not in plan, plan
+        return
+    async with engine.connect() as connection:
+        autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
+        await autocommit.exec_driver_sql("VACUUM (ANALYZE) tasks")  # index-only: all-visible
+    # The baseline reads its settings on import (it connects on its first request).
+    monkeypatch.setenv("BETTER_AUTH_SECRET", "s" * 64)
+    monkeypatch.setenv("DATABASE_URL", "postgresql://127.0.0.1/unused")
+    baseline = importlib.import_module("bench.baseline").LIST_SQL.replace("%(owner)s", "$1")
+    prepared: list[tuple[str, list[object]]] = [(baseline, [ALICE])]
+    for statement in statements:
+        compiled = statement.compile(dialect=NUMBERED)
+        prepared.append((str(compiled), [values[name] for name in compiled.positiontup or ()]))
+    async with engine.begin() as connection:
+        for setting in ("enable_seqscan", "enable_bitmapscan"):
+            await connection.exec_driver_sql(f"SET LOCAL {setting} = off")
+        await connection.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
+        for sql, arguments in prepared:
+            # psycopg reads `%` as a placeholder even with no parameters.
+            await connection.exec_driver_sql(f"PREPARE list_plan AS {sql}".replace("%", "%%"))
+            literals = ", ".join(sql_literal(value) for value in arguments)
+            rows = await connection.exec_driver_sql(f"EXPLAIN EXECUTE list_plan({literals})")
+            plan = "\n".join(str(row[0]) for row in rows)
+            await connection.exec_driver_sql("DEALLOCATE list_plan")
+            assert "Index Only Scan using ix_tasks_owner on tasks" in plan, plan
+            assert "using ix_tasks_owner_long on tasks" in plan, plan
+            assert "Seq Scan" not in plan, plan
+
+
+# PostgreSQL with $1, $2, … placeholders, as PREPARE takes them.
+NUMBERED = asyncpg.dialect()  # type: ignore[no-untyped-call]
+
+
+def sql_literal(value: object) -> str:
+    if isinstance(value, bool | int):
+        return str(value).lower()
+    assert isinstance(value, str)
+    return "'" + value.replace("'", "''") + "'"

@@ -5,21 +5,23 @@ import os
 import sys
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import psycopg
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect, text
+from sqlalchemy import func, insert, inspect, select, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlmodel import SQLModel
 
 from config import BACKEND_DIR
 from db import MIGRATION_LOCK_KEY, alembic_config, create_engine, upgrade_schema
+from models import FITS_LIST_INDEX, OVER_LIST_INDEX, TASKS_TABLE
 from tests.conftest import DEFAULT_ADMIN_URL
-from tests.support import make_settings
+from tests.support import make_settings, random_text
 
 SCHEMA_TABLES = {"tasks", "idempotency_keys", "alembic_version"}
 
@@ -53,14 +55,14 @@ async def table_names(engine: AsyncEngine) -> set[str]:
     return set(names) - {"sqlite_sequence"}  # SQLite's own bookkeeping for AUTOINCREMENT
 
 
-async def downgrade_to_base(engine: AsyncEngine) -> None:
-    def downgrade(connection: Connection) -> None:
+async def migrate_to(engine: AsyncEngine, revision: str, *, down: bool = False) -> None:
+    def migrate(connection: Connection) -> None:
         config = alembic_config()
         config.attributes["connection"] = connection
-        command.downgrade(config, "base")
+        (command.downgrade if down else command.upgrade)(config, revision)
 
     async with engine.begin() as connection:
-        await connection.run_sync(downgrade)
+        await connection.run_sync(migrate)
 
 
 async def test_upgrade_from_empty_then_down_and_up_again(empty_database_url: str) -> None:
@@ -70,7 +72,7 @@ async def test_upgrade_from_empty_then_down_and_up_again(empty_database_url: str
         await upgrade_schema(engine)
         assert await table_names(engine) == SCHEMA_TABLES
         await upgrade_schema(engine)  # at head already: nothing to do, no error
-        await downgrade_to_base(engine)
+        await migrate_to(engine, "base", down=True)
         assert await table_names(engine) == {"alembic_version"}
         await upgrade_schema(engine)
         assert await table_names(engine) == SCHEMA_TABLES
@@ -90,6 +92,42 @@ async def test_migrations_match_the_models(empty_database_url: str) -> None:
 
         async with engine.connect() as connection:
             assert await connection.run_sync(differences) == []
+    finally:
+        await engine.dispose()
+
+
+async def test_the_owners_indexes_are_built_over_tasks_of_every_size(
+    empty_database_url: str,
+) -> None:
+    """An upgrade on a table that already holds tasks, some too long for an entry of the
+    covering index (models.LIST_INDEX_TEXT_BYTES): those go to the other index, and the upgrade,
+    a downgrade and an upgrade again keep every task."""
+    engine = create_engine(make_settings(database_url=empty_database_url))
+    before_the_indexes = "8c41d2a7e6f3"
+    now = datetime.now(UTC)
+    # (title, description): a short task, and the largest the API accepts.
+    rows = [("short", None), (random_text(800, 4, 5), random_text(4000, 4, 6))]
+    try:
+        await migrate_to(engine, before_the_indexes)
+        async with engine.begin() as connection:
+            await connection.execute(
+                insert(TASKS_TABLE),
+                [
+                    {"user_id": "u", "title": title, "description": description}
+                    | {"created_at": now, "updated_at": now}
+                    for title, description in rows
+                ],
+            )
+        for revision, down in [("head", False), (before_the_indexes, True), ("head", False)]:
+            await migrate_to(engine, revision, down=down)
+            async with engine.connect() as connection:
+                stored = await connection.execute(
+                    select(TASKS_TABLE.c.title, TASKS_TABLE.c.description)
+                )
+                assert sorted(map(tuple, stored)) == sorted(rows)
+        async with engine.connect() as connection:
+            for predicate in (FITS_LIST_INDEX, OVER_LIST_INDEX):
+                assert await connection.scalar(select(func.count()).where(predicate)) == 1
     finally:
         await engine.dispose()
 

