@@ -78,7 +78,9 @@ class Task(SQLModel, table=True):
             BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
         ),
     )
-    user_id: str = Field(sa_column=Column(String(USER_ID_MAX_LENGTH), nullable=False))
+    # Indexed on its own too (ix_tasks_user_id), for any query by owner that does not go through
+    # the two list indexes below: another client of the database, an operator's script.
+    user_id: str = Field(sa_column=Column(String(USER_ID_MAX_LENGTH), nullable=False, index=True))
     title: str = Field(sa_column=Column(String(TITLE_MAX_LENGTH), nullable=False))
     description: str | None = Field(
         default=None, sa_column=Column(String(DESCRIPTION_MAX_LENGTH), nullable=True)
@@ -116,9 +118,10 @@ def _sqlite_octet_length(element: octet_length, compiler: SQLCompiler, **kw: Any
 # other in the index however spread they are in the table (one heap page per task, as many users
 # writing over time leave them). A B-tree entry holds at most 2,704 bytes, and a task's text may
 # be 4,000 bytes of description alone (1,000 characters of 4 bytes each): a task whose text is
-# over LIST_INDEX_TEXT_BYTES is in `ix_tasks_owner_long` instead, without the columns. A query
-# by owner reads both (`queries.owned`): on PostgreSQL and SQLite a partial index serves only a
-# query whose WHERE clause has its predicate.
+# over LIST_INDEX_TEXT_BYTES is in `ix_tasks_owner_long` instead, without the columns. The app's
+# queries by owner read both (`queries.owned`): on PostgreSQL and SQLite a partial index serves
+# only a query whose WHERE clause has its predicate. A plain `WHERE user_id = ?` gets
+# ix_tasks_user_id, and then a page of the table per task.
 LIST_INDEX_TEXT_BYTES = 2500  # measured: 2,654 bytes of text fit in the worst case
 TASKS_TABLE = Task.__table__  # type: ignore[attr-defined]
 FITS_LIST_INDEX: ColumnElement[bool] = (
