@@ -5,8 +5,8 @@ together hold every task (models.py explains them): `ix_tasks_owner`, which also
 columns a list shows, for tasks whose text fits in a B-tree entry, and `ix_tasks_owner_long` for
 the others; and by `ix_tasks_user_id`, for queries by owner other than the app's.
 
-On PostgreSQL, CREATE INDEX blocks writes to the table while it builds (1.2 s for a million tasks
-on a 2-core machine; reads go on). On a large table, build the three first without blocking,
+On PostgreSQL, CREATE INDEX blocks writes to the table while it builds (2.5 s in all for a million
+tasks on a 2-core machine; reads go on). On a large table, build the three first without blocking,
 with the statements this migration runs and CONCURRENTLY after CREATE INDEX: the migration
 then finds them (IF NOT EXISTS) and only drops the old index.
 
