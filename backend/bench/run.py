@@ -1092,17 +1092,11 @@ def print_report(
     ]
     if odd:
         print("errors by kind: " + "; ".join(odd), file=out)
-    small = results.get("list")
-    large = results.get("list-large")
-    if small is not None and small.ours.p50_ms and large is not None:
+    ratio_lines = p50_ratio_report(results)
+    if ratio_lines:
         print("", file=out)
-        print(
-            f"list-large p50 / list p50: ours {large.ours.p50_ms / small.ours.p50_ms:.2f} "
-            f"({fmt_ms(large.ours.p50_ms)} / {fmt_ms(small.ours.p50_ms)} ms), baseline "
-            f"{large.baseline.p50_ms / (small.baseline.p50_ms or 1):.2f} "
-            f"({fmt_ms(large.baseline.p50_ms)} / {fmt_ms(small.baseline.p50_ms)} ms)",
-            file=out,
-        )
+        for line in ratio_lines:
+            print(line, file=out)
     cpu_lines = cpu_report(results)
     if cpu_lines:
         print("", file=out)
@@ -1126,6 +1120,27 @@ def print_report(
     if run["workers"] != 2 or run["connections"] != 50:
         print("  (the targets are stated for 2 workers and 50 connections)", file=out)
     print("", file=out)
+
+
+def p50_ratio_report(results: dict[str, ScenarioResult]) -> list[str]:
+    """list-large's p50 against list's (the target), and against list-1m's: the same requests
+    as list, run right after list-large, so a machine that slowed down since list shows here."""
+    large = results.get("list-large")
+    if large is None:
+        return []
+    lines = []
+    for name in ("list", "list-1m"):
+        small = results.get(name)
+        if small is None or not small.ours.p50_ms:
+            continue
+        lines.append(
+            f"list-large p50 / {name} p50: ours {large.ours.p50_ms / small.ours.p50_ms:.2f} "
+            f"({fmt_ms(large.ours.p50_ms)} / {fmt_ms(small.ours.p50_ms)} ms), baseline "
+            f"{large.baseline.p50_ms / (small.baseline.p50_ms or 1):.2f} "
+            f"({fmt_ms(large.baseline.p50_ms)} / {fmt_ms(small.baseline.p50_ms)} ms)"
+            + (" [target]" if name == "list" else "")
+        )
+    return lines
 
 
 def cpu_report(results: dict[str, ScenarioResult]) -> list[str]:

@@ -29,6 +29,7 @@ from bench.run import (
     machine_info,
     median_result,
     migrate,
+    p50_ratio_report,
     parse_options,
     process_cpu_seconds,
     process_name,
@@ -231,6 +232,26 @@ def test_the_report_shows_each_scenarios_cpu_and_leaves_out_a_missing_group() ->
         "348", "/", "n/a", "/", "29", "/", "24",
     ]  # fmt: skip
     assert cpu_report({"list": ScenarioResult("list", "", False, [result(1.0, 1.0)], [ours])}) == []
+
+
+def test_the_large_list_is_compared_with_both_small_lists() -> None:
+    def scenario(name: str, ours_p99: float, baseline_p99: float) -> ScenarioResult:
+        return ScenarioResult(name, "", False, [result(1.0, ours_p99)], [result(1.0, baseline_p99)])
+
+    results = {
+        "list": scenario("list", 20.0, 16.0),
+        "list-large": scenario("list-large", 30.0, 32.0),
+    }
+    assert p50_ratio_report(results) == [
+        "list-large p50 / list p50: ours 1.50 (15.0 / 10.0 ms), baseline 2.00 (16.0 / 8.0 ms)"
+        " [target]"
+    ]
+    results["list-1m"] = scenario("list-1m", 24.0, 20.0)
+    assert p50_ratio_report(results)[1] == (
+        "list-large p50 / list-1m p50: ours 1.25 (15.0 / 12.0 ms), baseline 1.60 (16.0 / 10.0 ms)"
+    )
+    del results["list-large"]
+    assert p50_ratio_report(results) == []
 
 
 def test_the_machine_description_needs_no_linux_only_call(monkeypatch: pytest.MonkeyPatch) -> None:
