@@ -38,7 +38,8 @@ from starlette.routing import Route
 # out in each statement, as the app's statements are. The list, as the app's, leaves out the
 # owner (the WHERE clause fixes it) and the version, and reads both of the owner's indexes
 # (`queries.owned`): the covering one for the tasks whose text fits it (models.FITS_LIST_INDEX),
-# the other for the rest. A plain `WHERE user_id = %s` could use neither.
+# the other for the rest. A plain `WHERE user_id = %s` would find the tasks through
+# ix_tasks_user_id and read a table page for each.
 LIST_SQL = (
     "SELECT id, title, description, completed, created_at, updated_at FROM ("
     "SELECT id, title, description, completed, created_at, updated_at FROM tasks"

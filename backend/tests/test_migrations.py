@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import re
 import sys
 import uuid
 from collections.abc import Iterator
@@ -130,6 +131,46 @@ async def test_the_owners_indexes_are_built_over_tasks_of_every_size(
                 assert await connection.scalar(select(func.count()).where(predicate)) == 1
     finally:
         await engine.dispose()
+
+
+# The statements README.md gives for building the list's indexes before migration 5d9c3e71b0a4.
+README_INDEXES = re.compile(r"\*\*Upgrading a large table:\*\*.*?```sql\n(.*?)```", re.DOTALL)
+
+
+async def test_the_indexes_the_readme_builds_beforehand_are_those_the_migration_builds(
+    empty_postgres_url: str,
+) -> None:
+    """README, "Upgrading a large table": indexes built beforehand without blocking, then the
+    migration, give the very indexes the migration builds by itself (a predicate written
+    otherwise would not serve the app's queries)."""
+    found = README_INDEXES.search((BACKEND_DIR.parent / "README.md").read_text())
+    assert found is not None
+    statements = [part.strip() for part in found.group(1).split(";") if part.strip()]
+    assert len(statements) == 3
+    engine = create_engine(make_settings(database_url=empty_postgres_url))
+    query = text(
+        "SELECT indexname, indexdef FROM pg_indexes"
+        " WHERE tablename = 'tasks' AND indexname LIKE 'ix_tasks_%' ORDER BY indexname"
+    )
+    definitions = []
+    try:
+        await migrate_to(engine, "8c41d2a7e6f3")
+        with psycopg.connect(empty_postgres_url, autocommit=True) as connection:
+            for statement in statements:  # CONCURRENTLY: outside a transaction
+                connection.execute(statement.encode())
+        for _ in range(2):
+            await upgrade_schema(engine)
+            async with engine.connect() as connection:
+                definitions.append(list(await connection.execute(query)))
+            await migrate_to(engine, "8c41d2a7e6f3", down=True)
+    finally:
+        await engine.dispose()
+    assert [name for name, _ in definitions[0]] == [
+        "ix_tasks_owner",
+        "ix_tasks_owner_long",
+        "ix_tasks_user_id",
+    ]
+    assert definitions[0] == definitions[1]
 
 
 async def waiting_on_the_lock(connection: AsyncConnection, expected: int) -> bool:

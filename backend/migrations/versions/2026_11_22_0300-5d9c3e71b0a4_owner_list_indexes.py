@@ -6,9 +6,9 @@ columns a list shows, for tasks whose text fits in a B-tree entry, and `ix_tasks
 the others; and by `ix_tasks_user_id`, for queries by owner other than the app's.
 
 On PostgreSQL, CREATE INDEX blocks writes to the table while it builds (2.5 s in all for a million
-tasks on a 2-core machine; reads go on). On a large table, build the three first without blocking,
-with the statements this migration runs and CONCURRENTLY after CREATE INDEX: the migration
-then finds them (IF NOT EXISTS) and only drops the old index.
+tasks on a 2-core machine; reads go on). On a large table, build the three first without blocking
+(CREATE INDEX CONCURRENTLY: the statements are in the README, "Upgrading a large table"): the
+migration then finds them (IF NOT EXISTS) and only drops the old index.
 
 Revision ID: 5d9c3e71b0a4
 Revises: 8c41d2a7e6f3
