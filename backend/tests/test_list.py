@@ -14,6 +14,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from httpx import AsyncClient
+from sqlalchemy import text
 from sqlalchemy.dialects.postgresql import asyncpg
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -753,14 +754,15 @@ async def test_a_plain_query_by_owner_has_an_index_too(
 ) -> None:
     """user_id is indexed (SPEC.md) for any query, not only for those that carry the list
     indexes' predicates: another client's, an operator's."""
-    query = "SELECT * FROM tasks WHERE user_id = 'alice0000000000000000000000000001'"
+    query = "SELECT * FROM tasks WHERE user_id = :owner"
     async with app.state.engine.begin() as connection:
         if backend == "sqlite":
-            rows = await connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {query}")
+            rows = await connection.execute(text(f"EXPLAIN QUERY PLAN {query}"), {"owner": ALICE})
             assert "USING INDEX ix_tasks_user_id (user_id=?)" in str(rows.fetchall())
             return
         await connection.exec_driver_sql("SET LOCAL enable_seqscan = off")
-        plan = str((await connection.exec_driver_sql(f"EXPLAIN {query}")).fetchall())
+        rows = await connection.execute(text(f"EXPLAIN {query}"), {"owner": ALICE})
+        plan = str(rows.fetchall())
         assert "ix_tasks_user_id " in plan, plan
         assert "Seq Scan" not in plan, plan
 
