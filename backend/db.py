@@ -21,6 +21,10 @@ POSTGRES_DRIVERS = {
 # Any constant: instances starting at once take this lock in turn (migrations/env.py); one
 # migrates, the others then find the schema at head.
 MIGRATION_LOCK_KEY = 0x70D05C4E
+# How long a migration waits for a lock on a table (once it holds the one above). A schema change
+# queued behind a long transaction would hold up every request on that table behind it: it fails
+# instead, and is tried again (in the background at start-up, `startup.py`).
+MIGRATION_LOCK_TIMEOUT_MS = 3000
 SQLITE_DRIVERS = {"sqlite", "sqlite+aiosqlite", "sqlite+pysqlite"}
 # How long a write waits for another writer's lock on the embedded SQLite file, as a share of the
 # request deadline (REQUEST_TIMEOUT_SECONDS; 8.8 s of the default 11).

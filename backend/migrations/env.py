@@ -11,7 +11,7 @@ from sqlmodel import SQLModel
 
 import models  # noqa: F401  (registers the tables on SQLModel.metadata)
 from config import get_settings
-from db import MIGRATION_LOCK_KEY, migration_url
+from db import MIGRATION_LOCK_KEY, MIGRATION_LOCK_TIMEOUT_MS, migration_url
 
 config = context.config
 target_metadata = SQLModel.metadata
@@ -31,6 +31,7 @@ def run_migrations(connection: Connection) -> None:
             connection.execute(
                 text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
             )
+            connection.execute(text(f"SET LOCAL lock_timeout = {MIGRATION_LOCK_TIMEOUT_MS}"))
         context.run_migrations()
 
 

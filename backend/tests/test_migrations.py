@@ -15,6 +15,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import func, insert, inspect, select, text
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlmodel import SQLModel
 
@@ -25,6 +26,7 @@ from tests.conftest import DEFAULT_ADMIN_URL
 from tests.support import make_settings, random_text
 
 SCHEMA_TABLES = {"tasks", "idempotency_keys", "alembic_version"}
+BEFORE_THE_OWNER_INDEXES = "8c41d2a7e6f3"  # the revision before 5d9c3e71b0a4
 
 
 @pytest.fixture
@@ -104,12 +106,11 @@ async def test_the_owners_indexes_are_built_over_tasks_of_every_size(
     covering index (models.LIST_INDEX_TEXT_BYTES): those go to the other index, and the upgrade,
     a downgrade and an upgrade again keep every task."""
     engine = create_engine(make_settings(database_url=empty_database_url))
-    before_the_indexes = "8c41d2a7e6f3"
     now = datetime.now(UTC)
     # (title, description): a short task, and the largest the API accepts.
     rows = [("short", None), (random_text(800, 4, 5), random_text(4000, 4, 6))]
     try:
-        await migrate_to(engine, before_the_indexes)
+        await migrate_to(engine, BEFORE_THE_OWNER_INDEXES)
         async with engine.begin() as connection:
             await connection.execute(
                 insert(TASKS_TABLE),
@@ -119,7 +120,7 @@ async def test_the_owners_indexes_are_built_over_tasks_of_every_size(
                     for title, description in rows
                 ],
             )
-        for revision, down in [("head", False), (before_the_indexes, True), ("head", False)]:
+        for revision, down in [("head", False), (BEFORE_THE_OWNER_INDEXES, True), ("head", False)]:
             await migrate_to(engine, revision, down=down)
             async with engine.connect() as connection:
                 stored = await connection.execute(
@@ -135,6 +136,29 @@ async def test_the_owners_indexes_are_built_over_tasks_of_every_size(
 
 # The statements README.md gives for building the list's indexes before migration 5d9c3e71b0a4.
 README_INDEXES = re.compile(r"\*\*Upgrading a large table:\*\*.*?```sql\n(.*?)```", re.DOTALL)
+TASK_INDEXES = text(
+    "SELECT c.relname, pg_get_indexdef(i.indexrelid), i.indisvalid FROM pg_index i"
+    " JOIN pg_class c ON c.oid = i.indexrelid"
+    " WHERE i.indrelid = 'tasks'::regclass AND c.relname LIKE 'ix_tasks_%' ORDER BY c.relname"
+)
+
+
+def run_readme_index_statements(database_url: str) -> None:
+    found = README_INDEXES.search((BACKEND_DIR.parent / "README.md").read_text())
+    assert found is not None
+    statements = [part.strip() for part in found.group(1).split(";") if part.strip()]
+    assert len(statements) == 4  # three indexes built, then the old one dropped
+    with psycopg.connect(database_url, autocommit=True) as connection:
+        for statement in statements:  # CONCURRENTLY: outside a transaction
+            connection.execute(statement.encode())
+
+
+async def task_indexes(engine: AsyncEngine) -> list[tuple[str, str, bool]]:
+    async with engine.connect() as connection:
+        return [
+            (name, definition, valid)
+            for name, definition, valid in await connection.execute(TASK_INDEXES)
+        ]
 
 
 async def test_the_indexes_the_readme_builds_beforehand_are_those_the_migration_builds(
@@ -143,34 +167,69 @@ async def test_the_indexes_the_readme_builds_beforehand_are_those_the_migration_
     """README, "Upgrading a large table": indexes built beforehand without blocking, then the
     migration, give the very indexes the migration builds by itself (a predicate written
     otherwise would not serve the app's queries)."""
-    found = README_INDEXES.search((BACKEND_DIR.parent / "README.md").read_text())
-    assert found is not None
-    statements = [part.strip() for part in found.group(1).split(";") if part.strip()]
-    assert len(statements) == 3
     engine = create_engine(make_settings(database_url=empty_postgres_url))
-    query = text(
-        "SELECT indexname, indexdef FROM pg_indexes"
-        " WHERE tablename = 'tasks' AND indexname LIKE 'ix_tasks_%' ORDER BY indexname"
-    )
-    definitions = []
+    found = []
     try:
-        await migrate_to(engine, "8c41d2a7e6f3")
-        with psycopg.connect(empty_postgres_url, autocommit=True) as connection:
-            for statement in statements:  # CONCURRENTLY: outside a transaction
-                connection.execute(statement.encode())
+        await migrate_to(engine, BEFORE_THE_OWNER_INDEXES)
+        run_readme_index_statements(empty_postgres_url)
         for _ in range(2):
             await upgrade_schema(engine)
-            async with engine.connect() as connection:
-                definitions.append(list(await connection.execute(query)))
-            await migrate_to(engine, "8c41d2a7e6f3", down=True)
+            found.append(await task_indexes(engine))
+            await migrate_to(engine, BEFORE_THE_OWNER_INDEXES, down=True)
     finally:
         await engine.dispose()
-    assert [name for name, _ in definitions[0]] == [
-        "ix_tasks_owner",
-        "ix_tasks_owner_long",
-        "ix_tasks_user_id",
+    assert [(name, valid) for name, _, valid in found[0]] == [
+        ("ix_tasks_owner", True),
+        ("ix_tasks_owner_long", True),
+        ("ix_tasks_user_id", True),
     ]
-    assert definitions[0] == definitions[1]
+    assert found[0] == found[1]
+
+
+async def test_an_index_left_invalid_beforehand_is_built_again(empty_postgres_url: str) -> None:
+    """A CREATE INDEX CONCURRENTLY cancelled halfway leaves an INVALID index: kept up to date,
+    never read. Found by the migration, it would leave every list reading the whole table."""
+    engine = create_engine(make_settings(database_url=empty_postgres_url))
+    try:
+        await migrate_to(engine, BEFORE_THE_OWNER_INDEXES)
+        run_readme_index_statements(empty_postgres_url)
+        with psycopg.connect(empty_postgres_url, autocommit=True) as connection:
+            # As the cancelled build leaves it (the test runs as a superuser).
+            connection.execute(
+                "UPDATE pg_index SET indisvalid = false"
+                " WHERE indexrelid IN ('ix_tasks_owner'::regclass, 'ix_tasks_user_id'::regclass)"
+            )
+        assert [valid for _, _, valid in await task_indexes(engine)] == [False, True, False]
+        await upgrade_schema(engine)
+        assert [valid for _, _, valid in await task_indexes(engine)] == [True, True, True]
+    finally:
+        await engine.dispose()
+
+
+async def test_a_migration_behind_a_long_transaction_gives_up_instead_of_queueing(
+    empty_postgres_url: str,
+) -> None:
+    """Waiting for its lock on `tasks`, a migration would hold up every request queued behind
+    it: it fails after db.MIGRATION_LOCK_TIMEOUT_MS instead, and succeeds once the way is clear."""
+    engine = create_engine(make_settings(database_url=empty_postgres_url))
+    try:
+        await migrate_to(engine, BEFORE_THE_OWNER_INDEXES)
+        with psycopg.connect(empty_postgres_url) as holder:
+            # A reader in a long transaction; PostgreSQL ends it after 30 s, so that a migration
+            # without a lock timeout fails this test rather than hang it.
+            holder.execute("SET idle_in_transaction_session_timeout = '30s'")
+            holder.execute("SELECT count(*) FROM tasks")
+            with pytest.raises(OperationalError) as waited:
+                await upgrade_schema(engine)  # its DROP INDEX needs the table to itself
+            assert isinstance(waited.value.orig, psycopg.errors.LockNotAvailable)
+        await upgrade_schema(engine)  # the reader is gone
+        assert [name for name, _, _ in await task_indexes(engine)] == [
+            "ix_tasks_owner",
+            "ix_tasks_owner_long",
+            "ix_tasks_user_id",
+        ]
+    finally:
+        await engine.dispose()
 
 
 async def waiting_on_the_lock(connection: AsyncConnection, expected: int) -> bool:
