@@ -176,9 +176,9 @@ def owned(conditions: Sequence[ColumnElement[bool]]) -> Subquery:
     """The tasks that meet `conditions` (the first: `user_id = …`), as rows of LIST_COLUMNS,
     read through both of the owner's indexes (models.py): those whose text fits the covering
     one from it alone, an index-only scan wherever the table's pages are all-visible, and the
-    others from the table. Both branches come in the index's order, so PostgreSQL merges them
-    for a list in that order without sorting. A query by owner that leaves out the predicates
-    can use neither index and reads the whole table."""
+    others from the table (PostgreSQL then sorts the rows of the two branches together). A query
+    by owner that leaves out the predicates can use neither index: it gets ix_tasks_user_id, and
+    then a table page per task."""
     return union_all(
         select(*LIST_COLUMNS).where(*conditions, FITS_LIST_INDEX),
         select(*LIST_COLUMNS).where(*conditions, OVER_LIST_INDEX),
