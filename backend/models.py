@@ -15,6 +15,7 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     SmallInteger,
     String,
+    Table,
     Text,
     false,
     func,
@@ -123,7 +124,7 @@ def _sqlite_octet_length(element: octet_length, compiler: SQLCompiler, **kw: Any
 # only a query whose WHERE clause has its predicate. A plain `WHERE user_id = ?` gets
 # ix_tasks_user_id, and then a page of the table per task.
 LIST_INDEX_TEXT_BYTES = 2500  # measured: 2,654 bytes of text fit in the worst case
-TASKS_TABLE = Task.__table__  # type: ignore[attr-defined]
+TASKS_TABLE: Table = SQLModel.metadata.tables[Task.__tablename__]  # Core: the queries' too
 FITS_LIST_INDEX: ColumnElement[bool] = (
     octet_length(TASKS_TABLE.c.user_id)
     + octet_length(TASKS_TABLE.c.title)

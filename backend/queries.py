@@ -19,7 +19,6 @@ from sqlalchemy import (
     Executable,
     Integer,
     Select,
-    Table,
     and_,
     bindparam,
     delete,
@@ -33,12 +32,11 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.sql import Subquery
-from sqlmodel import SQLModel
 
 from database import Database, static
-from models import FITS_LIST_INDEX, OVER_LIST_INDEX, Task, utc_now
+from models import FITS_LIST_INDEX, OVER_LIST_INDEX, TASKS_TABLE, utc_now
 
-TASKS: Table = SQLModel.metadata.tables[Task.__tablename__]
+TASKS = TASKS_TABLE
 # A row of COLUMNS, in that order: a plain tuple from psycopg on PostgreSQL (building named
 # tuples costs more than the query's parsing), a SQLAlchemy Row on SQLite. ListRow: the same, of
 # LIST_COLUMNS (a list's rows: no owner, no version, so not for `etag_for`).
